@@ -1,0 +1,42 @@
+"""vitreg_jax: Vision Transformers with registers in JAX/Flax, for TPU pods."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    'jax>=0.10',
+    'flax>=0.12',
+    'optax>=0.2.6',
+    'orbax-checkpoint>=0.11',
+    'grain>=0.2.18',
+    'tensorflow-datasets>=4.9.9',
+    'array-record>=0.8',
+    'ml-collections>=1.1',
+    'absl-py',
+    'numpy',
+    'pillow',
+    'safetensors>=0.4',
+    'tensorboardX',
+    'ftfy',
+    'regex',
+]
+# torch 2.13 breaks timm here; 2.14.1 / 0.29.1 are the tested pair.
+TORCH = [
+    'torch==2.14.1',
+    'torchvision==0.29.1',
+    'timm>=1.0.15',
+    'transformers>=4.48',
+    'open_clip_torch>=2.30',
+]
+TEST = TORCH + ['pytest>=8', 'scipy']
+
+setup(
+    name='vitreg_jax',
+    version='0.1.0',
+    description='Vision Transformers Need Registers, in JAX/Flax for TPU pods',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['vitreg_jax', 'vitreg_jax.*']),
+    install_requires=CORE,
+    extras_require={'torch': TORCH, 'test': TEST, 'notebooks': ['jupyter', 'nbclient', 'nbformat', 'matplotlib']},
+)

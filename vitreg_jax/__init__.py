@@ -1,0 +1,1 @@
+"""vitreg_jax: Vision Transformers Need Registers, in JAX/Flax."""

@@ -1,0 +1,149 @@
+"""Transformer block pieces with DINOv2 names and logical axis annotations.
+
+Parameter names follow DINOv2 (``attn/qkv``, ``attn/proj``, ``ls1``, ``mlp/fc1``,
+``mlp/w12`` ...) so that each weight converter is a short table. Kernels keep
+the head and q/k/v axes explicit (``qkv`` kernel ``[D, 3, H, hd]``) so tensor
+parallelism can shard heads without splitting q, k and v across devices.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitreg_jax.models import attention as attention_lib
+
+Dtype = Any
+LINEAR_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def logical(init: Callable, *names: str | None) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over ``embed`` (eps 1e-6 in DINOv2); flax keeps statistics in float32."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype,
+      scale_init=logical(nn.initializers.ones, 'embed'),
+      bias_init=logical(nn.initializers.zeros, 'embed'),
+      name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; optionally returns the probabilities."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, return_probs: bool = False):
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'embed_dim {dim} is not divisible by num_heads {self.num_heads}')
+    head_dim = dim // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), dtype=self.dtype,
+        kernel_init=logical(LINEAR_INIT, 'embed', None, 'heads', 'head_dim'),
+        bias_init=logical(nn.initializers.zeros, None, 'heads', 'head_dim'),
+        name='qkv')(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out, probs = attention_lib.dot_product_attention(
+        q, k, v, impl=self.impl, return_probs=return_probs)
+    out = nn.DenseGeneral(
+        dim, axis=(-2, -1), dtype=self.dtype,
+        kernel_init=logical(LINEAR_INIT, 'heads', 'head_dim', 'embed'),
+        bias_init=logical(nn.initializers.zeros, 'embed'),
+        name='proj')(out)
+    return out, probs
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype,
+                 kernel_init=logical(LINEAR_INIT, 'embed', 'mlp'),
+                 bias_init=logical(nn.initializers.zeros, 'mlp'), name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(dim, dtype=self.dtype,
+                    kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),
+                    bias_init=logical(nn.initializers.zeros, 'embed'), name='fc2')(x)
+
+
+class SwiGLU(nn.Module):
+  """DINOv2's fused SwiGLU: ``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x)``."""
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    x12 = nn.DenseGeneral(
+        (2, self.hidden_dim), dtype=self.dtype,
+        kernel_init=logical(LINEAR_INIT, 'embed', None, 'mlp'),
+        bias_init=logical(nn.initializers.zeros, None, 'mlp'), name='w12')(x)
+    hidden = nn.silu(x12[..., 0, :]) * x12[..., 1, :]
+    return nn.Dense(dim, dtype=self.dtype,
+                    kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),
+                    bias_init=logical(nn.initializers.zeros, 'embed'), name='w3')(hidden)
+
+
+def swiglu_hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
+  """DINOv2's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8."""
+  return (int(embed_dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param('gamma', logical(nn.initializers.constant(self.init_value), 'embed'),
+                       (x.shape[-1],), jnp.float32)
+    return x * gamma.astype(x.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-norm block: ``x + ls1(attn(norm1(x)))``, ``x + ls2(ffn(norm2(x)))``."""
+  num_heads: int
+  mlp_hidden_dim: int
+  ffn: str = 'mlp'
+  layerscale_init: float | None = 1e-5
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  attention_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True, return_probs: bool = False):
+    x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
+    y, probs = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(
+        layer_norm(self.norm_eps, self.dtype, 'norm1')(x), return_probs)
+    if self.layerscale_init is not None:
+      y = LayerScale(self.layerscale_init, name='ls1')(y)
+    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    ffn_cls = {'mlp': Mlp, 'swiglu': SwiGLU}[self.ffn]
+    y = ffn_cls(self.mlp_hidden_dim, self.dtype, name='mlp')(
+        layer_norm(self.norm_eps, self.dtype, 'norm2')(x))
+    if self.layerscale_init is not None:
+      y = LayerScale(self.layerscale_init, name='ls2')(y)
+    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+    return x, probs

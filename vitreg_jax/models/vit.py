@@ -1,0 +1,276 @@
+"""Vision Transformer with register tokens, in DINOv2's layout (REFERENCE §1).
+
+Token order is ``[cls, reg_1..reg_R, patch_1..patch_N]``. Registers are added
+after the position embedding (they have none) and are dropped from every pooled
+or dense output: they exist only as scratch space for the network.
+
+The module returns a dict so the analyses (norms, attention maps, LOST, probes)
+read what they need instead of re-implementing the forward pass.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitreg_jax.models import layers
+from vitreg_jax.models.pos_embed import resample_patch_pos_embed
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class PatchProjection(nn.Module):
+  """Non-overlapping patch projection (a conv with kernel = stride = patch).
+
+  Kept in the conv's HWIO layout ``[p, p, 3, D]`` but computed as a patchify
+  reshape + one matmul, which is the same arithmetic and faster than a strided
+  conv on CPU and TPU.
+  """
+  patch_size: int
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    b, h, w, c = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(
+          f'image size {h}x{w} is not a multiple of the patch size {p}; '
+          f'resize or pad to e.g. {h // p * p}x{w // p * p}')
+    kernel = self.param(
+        'kernel', layers.logical(nn.initializers.lecun_normal(), None, None, None, 'embed'),
+        (p, p, c, self.embed_dim), jnp.float32)
+    bias = self.param('bias', layers.logical(nn.initializers.zeros, 'embed'),
+                      (self.embed_dim,), jnp.float32)
+    patches = images.reshape(b, h // p, p, w // p, p, c).astype(self.dtype)
+    out = jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel.astype(self.dtype))
+    return out + bias.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+  """``patch_embed/proj`` as in DINOv2; output ``[B, h, w, D]``."""
+  patch_size: int
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    return PatchProjection(self.patch_size, self.embed_dim, self.dtype, name='proj')(images)
+
+
+class ScannedBlock(layers.Block):
+  """``Block`` in the (carry, per-layer output) form ``nn.scan`` wants."""
+  return_layers: bool = False
+  return_probs: bool = False
+
+  def __call__(self, x, deterministic):
+    x, probs = super().__call__(x, deterministic, self.return_probs)
+    return x, (x if self.return_layers else None, probs)
+
+
+class VisionTransformer(nn.Module):
+  """DINOv2-style ViT; see the module docstring for the token layout."""
+  patch_size: int = 14
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  ffn: str = 'mlp'  # 'mlp' | 'swiglu'
+  num_registers: int = 4
+  class_token: bool = True
+  layerscale_init: float | None = 1e-5
+  drop_path_rate: float = 0.0
+  img_size: int = 518  # the grid pos_embed was learned on: img_size // patch_size
+  interpolate_antialias: bool = True
+  interpolate_offset: float = 0.0
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  scan_blocks: bool = False
+  remat_policy: str = 'none'
+  attention_impl: str = 'auto'
+
+  @property
+  def mlp_hidden_dim(self) -> int:
+    if self.ffn == 'swiglu':
+      return layers.swiglu_hidden_dim(self.embed_dim, self.mlp_ratio)
+    return int(self.embed_dim * self.mlp_ratio)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return int(self.class_token) + self.num_registers
+
+  def _validate(self):
+    if self.ffn not in ('mlp', 'swiglu'):
+      raise ValueError(f"ffn={self.ffn!r}; valid: 'mlp', 'swiglu'")
+    if not 0 <= self.num_registers <= 64:
+      raise ValueError(f'num_registers={self.num_registers}; expected 0..64')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}')
+
+  def _tokens(self, images, masks):
+    """Patch embed, iBOT mask tokens, cls + pos_embed, then registers."""
+    d = self.embed_dim
+    x = PatchEmbed(self.patch_size, d, self.dtype, name='patch_embed')(images)
+    b, gh, gw, _ = x.shape
+    x = x.reshape(b, gh * gw, d)
+    mask_token = self.param('mask_token', layers.logical(nn.initializers.zeros, None, 'embed'),
+                            (1, d), jnp.float32)
+    if masks is not None:
+      if masks.shape != (b, gh * gw):
+        raise ValueError(f'masks shape {masks.shape} != (batch, patches) = {(b, gh * gw)}')
+      x = jnp.where(masks[..., None], mask_token.astype(x.dtype)[None], x)
+    grid_ref = self.img_size // self.patch_size
+    pos_embed = self.param(
+        'pos_embed', layers.logical(nn.initializers.truncated_normal(0.02), None, 'tokens', 'embed'),
+        (1, int(self.class_token) + grid_ref * grid_ref, d), jnp.float32)
+    patch_pos = resample_patch_pos_embed(
+        pos_embed[0, int(self.class_token):], (gh, gw),
+        antialias=self.interpolate_antialias, offset=self.interpolate_offset)
+    x = x + patch_pos.astype(x.dtype)[None]
+    prefix = []
+    if self.class_token:
+      cls = self.param('cls_token', layers.logical(nn.initializers.normal(1e-6), None, None, 'embed'),
+                       (1, 1, d), jnp.float32)
+      prefix.append(jnp.broadcast_to(cls + pos_embed[:, :1], (b, 1, d)))
+    if self.num_registers:
+      reg = self.param('register_tokens',
+                       layers.logical(nn.initializers.normal(1e-6), None, None, 'embed'),
+                       (1, self.num_registers, d), jnp.float32)
+      prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, d)))
+    tokens = jnp.concatenate([p.astype(x.dtype) for p in prefix] + [x], axis=1)
+    return tokens, (gh, gw)
+
+  def _block_kwargs(self):
+    return dict(num_heads=self.num_heads, mlp_hidden_dim=self.mlp_hidden_dim, ffn=self.ffn,
+                layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,
+                norm_eps=self.norm_eps, dtype=self.dtype, attention_impl=self.attention_impl)
+
+  def _blocks(self, x, deterministic, return_layers, return_attention):
+    """Runs the blocks; returns ``x`` and stacked per-layer tokens / probs."""
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.scan_blocks:
+      body = ScannedBlock
+      if self.remat_policy != 'none':
+        body = nn.remat(body, policy=policy, static_argnums=(2,), prevent_cse=False)
+      scanned = nn.scan(
+          body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=nn.broadcast, length=self.depth,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, (per_layer, probs) = scanned(
+          **self._block_kwargs(), return_layers=return_layers,
+          return_probs=return_attention, name='blocks')(x, deterministic)
+      return x, per_layer, probs
+    block_cls = layers.Block
+    if self.remat_policy != 'none':
+      block_cls = nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
+    per_layer, probs = [], []
+    for i in range(self.depth):
+      x, p = block_cls(**self._block_kwargs(), name=f'blocks_{i}')(
+          x, deterministic, return_attention)
+      per_layer.append(x)
+      probs.append(p)
+    stack = lambda xs, on: jnp.stack(xs) if on else None
+    return x, stack(per_layer, return_layers), stack(probs, return_attention)
+
+  @nn.compact
+  def __call__(self, images, masks=None, train: bool = False,
+               return_layers: bool = False, return_attention: bool = False):
+    """Forward pass on NHWC normalised images.
+
+    Returns a dict: ``cls [B,D]`` (when ``class_token``), ``registers [B,R,D]``,
+    ``patches [B,N,D]`` (all after the final norm), ``prenorm [B,T,D]``,
+    ``masks``; with ``return_layers`` also ``layers`` and ``layers_normed``
+    ``[L,B,T,D]`` (block outputs before / after the final norm); with
+    ``return_attention`` ``attention [L,B,H,T,T]`` (float32 probabilities).
+    """
+    self._validate()
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images must be NHWC with 3 channels, got shape {images.shape}')
+    x, _ = self._tokens(images, masks)
+    x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
+    x, per_layer, probs = self._blocks(x, not train, return_layers, return_attention)
+    norm = layers.layer_norm(self.norm_eps, self.dtype, 'norm')
+    normed = norm(x)
+    c, r = int(self.class_token), self.num_registers
+    out = {
+        'registers': normed[:, c:c + r],
+        'patches': normed[:, c + r:],
+        'prenorm': x,
+        'masks': masks,
+    }
+    if self.class_token:
+      out['cls'] = normed[:, 0]
+    if return_layers:
+      out['layers'] = per_layer
+      out['layers_normed'] = norm(per_layer)
+    if return_attention:
+      out['attention'] = probs
+    return out
+
+  def intermediate_layers(self, images, n: int = 1, norm: bool = True):
+    """Patch tokens of the last ``n`` blocks, cls and registers dropped.
+
+    DINOv2's ``get_intermediate_layers(x, n, norm=norm)``: a list of
+    ``[B, N, D]``; with ``norm`` the final norm is applied to each. Returns
+    ``(patches, cls)`` lists, the second empty without a class token.
+    """
+    if not 1 <= n <= self.depth:
+      raise ValueError(f'n={n}; this model has {self.depth} blocks')
+    out = self(images, return_layers=True)
+    tokens = out['layers_normed' if norm else 'layers'][self.depth - n:]
+    start = self.num_prefix_tokens
+    patches = [t[:, start:] for t in tokens]
+    cls = [t[:, 0] for t in tokens] if self.class_token else []
+    return patches, cls
+
+
+# name -> (embed_dim, depth, num_heads, ffn)
+VARIANTS = {
+    'ti': (192, 12, 3, 'mlp'),
+    's': (384, 12, 6, 'mlp'),
+    'b': (768, 12, 12, 'mlp'),
+    'l': (1024, 24, 16, 'mlp'),
+    'g': (1536, 40, 24, 'swiglu'),
+}
+_ARCH_RE = re.compile(r'^vit(ti|s|b|l|g)(\d+)(?:_reg(\d*))?$')
+
+
+def arch_kwargs(name: str) -> dict:
+  """Constructor kwargs for names like ``vits14``, ``vitl14_reg``, ``vitb16_reg8``.
+
+  ``_reg`` alone means 4 registers (the released models). Register models use
+  the antialiased position-embedding resampling; the rest DINOv2's legacy path.
+  """
+  m = _ARCH_RE.match(name.lower())
+  if not m:
+    raise ValueError(
+        f'unknown arch {name!r}; expected vit{{{"|".join(VARIANTS)}}}{{patch}}[_reg[N]], '
+        "e.g. 'vits14_reg', 'vitl14', 'vitb16_reg8'")
+  variant, patch, reg = m.groups()
+  dim, depth, heads, ffn = VARIANTS[variant]
+  patch = int(patch)
+  registers = 0 if reg is None else int(reg or 4)
+  return dict(
+      patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn,
+      num_registers=registers, img_size=518 if patch == 14 else 224,
+      interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1)
+
+
+def get_arch(name: str, **overrides) -> VisionTransformer:
+  kwargs = arch_kwargs(name)
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(VisionTransformer)}
+  if unknown:
+    raise ValueError(f'unknown VisionTransformer fields {sorted(unknown)}')
+  kwargs.update(overrides)
+  return VisionTransformer(**kwargs)
