@@ -31,6 +31,34 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
       name=name)
 
 
+class DenseND(nn.Module):
+  """``DenseGeneral`` whose kernel is created in its full N-d shape.
+
+  flax's ``DenseGeneral`` initialises a flat 2-d kernel and reshapes it; its
+  logical axis names then get applied to the flat kernel, which fails under a
+  mesh with axis rules (flax issue #3676). Here the initialiser sees the real
+  shape, so ``[D, 3, H, hd]`` kernels shard by name. Contracts the last
+  ``contract_dims`` input axes with the leading kernel axes.
+  """
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  contract_dims: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n = self.contract_dims
+    kernel = self.param('kernel', logical(LINEAR_INIT, *self.kernel_axes),
+                        tuple(x.shape[-n:]) + tuple(self.features), jnp.float32)
+    bias = self.param('bias', logical(nn.initializers.zeros, *self.bias_axes),
+                      tuple(self.features), jnp.float32)
+    contracting = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    out = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                              (contracting, ((), ())))
+    return out + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; optionally returns the probabilities."""
   num_heads: int
@@ -43,19 +71,13 @@ class Attention(nn.Module):
     if dim % self.num_heads:
       raise ValueError(f'embed_dim {dim} is not divisible by num_heads {self.num_heads}')
     head_dim = dim // self.num_heads
-    qkv = nn.DenseGeneral(
-        (3, self.num_heads, head_dim), dtype=self.dtype,
-        kernel_init=logical(LINEAR_INIT, 'embed', None, 'heads', 'head_dim'),
-        bias_init=logical(nn.initializers.zeros, None, 'heads', 'head_dim'),
-        name='qkv')(x)
+    qkv = DenseND((3, self.num_heads, head_dim), ('embed', None, 'heads', 'head_dim'),
+                  (None, 'heads', 'head_dim'), dtype=self.dtype, name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out, probs = attention_lib.dot_product_attention(
         q, k, v, impl=self.impl, return_probs=return_probs)
-    out = nn.DenseGeneral(
-        dim, axis=(-2, -1), dtype=self.dtype,
-        kernel_init=logical(LINEAR_INIT, 'heads', 'head_dim', 'embed'),
-        bias_init=logical(nn.initializers.zeros, 'embed'),
-        name='proj')(out)
+    out = DenseND((dim,), ('heads', 'head_dim', 'embed'), ('embed',), contract_dims=2,
+                  dtype=self.dtype, name='proj')(out)
     return out, probs
 
 
@@ -83,10 +105,8 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
-    x12 = nn.DenseGeneral(
-        (2, self.hidden_dim), dtype=self.dtype,
-        kernel_init=logical(LINEAR_INIT, 'embed', None, 'mlp'),
-        bias_init=logical(nn.initializers.zeros, None, 'mlp'), name='w12')(x)
+    x12 = DenseND((2, self.hidden_dim), ('embed', None, 'mlp'), (None, 'mlp'),
+                  dtype=self.dtype, name='w12')(x)
     hidden = nn.silu(x12[..., 0, :]) * x12[..., 1, :]
     return nn.Dense(dim, dtype=self.dtype,
                     kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),

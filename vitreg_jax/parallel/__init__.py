@@ -1,0 +1,1 @@
+"""Device mesh, logical sharding rules, multi-host batches and the memory planner."""

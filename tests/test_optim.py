@@ -1,0 +1,289 @@
+"""DINOv2 schedules and optimiser: closed forms, per-name multipliers, torch AdamW parity."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from vitreg_jax.models.heads import DINOHead
+from vitreg_jax.models.vit import get_arch
+from vitreg_jax.train import optim
+from vitreg_jax.train.schedules import DinoV2Schedules, cosine_schedule, scaled_lr
+
+# ---------------------------------------------------------------------------
+# Schedules: values at chosen steps against closed forms written out here.
+
+
+def _lr_closed(t, peak, min_lr, warmup, total):
+  if t >= total:
+    return min_lr
+  if t < warmup:  # linspace(0, peak, warmup): the last warmup step reaches peak
+    return peak * t / (warmup - 1)
+  return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+def _cos_closed(t, start, end, total):
+  return end if t >= total else end + 0.5 * (start - end) * (1 + math.cos(math.pi * t / total))
+
+
+def _temp_closed(t, warm_start, temp, warmup):
+  return temp if t >= warmup else warm_start + (temp - warm_start) * t / (warmup - 1)
+
+
+@pytest.mark.parametrize('epoch_length,epochs,warmup,temp_warmup', [(7, 10, 2, 3), (1250, 100, 10, 30)])
+def test_schedules_match_closed_forms(epoch_length, epochs, warmup, temp_warmup):
+  s = DinoV2Schedules(lr=2e-3, epochs=epochs, epoch_length=epoch_length, warmup_epochs=warmup,
+                      warmup_teacher_temp_epochs=temp_warmup, freeze_last_layer_epochs=1)
+  total, w, tw = epochs * epoch_length, warmup * epoch_length, temp_warmup * epoch_length
+  steps = sorted({0, 1, epoch_length - 1, epoch_length, w - 1, w, w + 1, tw - 1, tw, (w + total) // 2,
+                  total - 1, total, total + 5})
+  for t in steps:
+    lr = _lr_closed(t, 2e-3, 1e-6, w, total)
+    expected = dict(lr=lr, last_layer_lr=0.0 if t < epoch_length else lr,
+                    wd=_cos_closed(t, 0.04, 0.4, total), momentum=_cos_closed(t, 0.992, 1.0, total),
+                    teacher_temp=_temp_closed(t, 0.04, 0.07, tw))
+    got = jax.device_get(jax.jit(s.all)(t))
+    for name, value in expected.items():
+      np.testing.assert_allclose(got[name], value, rtol=2e-6, atol=1e-12, err_msg=f'{name} @ {t}')
+
+
+def test_freeze_prefix_and_lr_scaling():
+  # CosineScheduler(freeze_iters=3, warmup 2): 0, 0, 0, start, base, cosine...
+  vals = [float(cosine_schedule(t, 1.0, 0.0, 9, warmup_steps=2, start_warmup_value=0.5,
+                                freeze_steps=3)) for t in range(10)]
+  np.testing.assert_allclose(vals[:5], [0, 0, 0, 0.5, 1.0])
+  np.testing.assert_allclose(vals[5:], [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)] + [0.0],
+                             atol=1e-7)
+  assert scaled_lr(4e-3, 2048) == pytest.approx(4e-3 * math.sqrt(2))
+  assert scaled_lr(4e-3, 256) == pytest.approx(2e-3)
+  with pytest.raises(ValueError, match='warmup_epochs'):
+    DinoV2Schedules(lr=1.0, epochs=5, warmup_epochs=6)
+
+
+# ---------------------------------------------------------------------------
+# Per-parameter multipliers, checked against the reference rules written on
+# torch-style names (dinov2/utils/param_groups.py semantics).
+
+
+def _torch_name(path):
+  """Our path (within a submodule) -> the reference parameter name."""
+  parts = []
+  for p in path:
+    if p.startswith('blocks_'):
+      parts += ['blocks', p.split('_')[1]]
+    elif p.startswith('layers_'):
+      parts.append(p.split('_')[1])
+    else:
+      parts.append({'kernel': 'weight', 'scale': 'weight'}.get(p, p))
+  return '.'.join(parts)
+
+
+def _reference_rules(submodule, name, depth, rate, patch_mult):
+  if submodule == 'backbone':
+    if any(t in name for t in ('pos_embed', 'patch_embed', 'mask_token', 'cls_token', 'register_tokens')):
+      layer_id = 0
+    elif name.startswith('blocks.'):
+      layer_id = int(name.split('.')[1]) + 1
+    else:
+      layer_id = depth + 1
+    lr = rate ** (depth + 1 - layer_id)
+  else:
+    lr = 1.0  # heads have no blocks: layer_id = 1 = num_layers + 1
+  if 'patch_embed' in name:
+    lr *= patch_mult
+  wd = 0.0 if name.endswith('.bias') or 'norm' in name or 'gamma' in name else 1.0
+  return lr, wd, 'last_layer' in name
+
+
+def _student_shapes(scan_blocks, **overrides):
+  vit = get_arch('vits14_reg', depth=3, img_size=28, scan_blocks=scan_blocks, **overrides)
+  dim = vit.embed_dim
+  head = DINOHead(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+  key = jax.random.key(0)
+  shapes = jax.eval_shape(lambda: {
+      'backbone': vit.init(key, jnp.zeros((1, 28, 28, 3)))['params'],
+      'dino_head': head.init(key, jnp.zeros((1, dim)))['params'],
+      'ibot_head': head.init(key, jnp.zeros((1, dim)))['params']})
+  return nn.meta.unbox(shapes)
+
+
+def _leaves(tree):
+  return {optim.dict_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_multipliers_unscanned_follow_reference_rules():
+  shapes = _student_shapes(scan_blocks=False)
+  lr, wd, last = (_leaves(t) for t in optim.param_multipliers(shapes, 0.9, 0.2))
+  assert len(lr) == len(_leaves(shapes)) > 60
+  for path in lr:
+    exp_lr, exp_wd, exp_last = _reference_rules(path[0], _torch_name(path[1:]), 3, 0.9, 0.2)
+    assert lr[path] == pytest.approx(exp_lr, rel=1e-6), path
+    assert (wd[path], last[path]) == (exp_wd, exp_last), path
+  # spot checks with literal values
+  b = 'backbone'
+  assert lr[(b, 'cls_token')] == pytest.approx(0.9 ** 4)
+  assert lr[(b, 'register_tokens')] == pytest.approx(0.9 ** 4)
+  assert lr[(b, 'patch_embed', 'proj', 'kernel')] == pytest.approx(0.2 * 0.9 ** 4)
+  assert lr[(b, 'blocks_0', 'attn', 'qkv', 'kernel')] == pytest.approx(0.9 ** 3)
+  assert lr[(b, 'blocks_2', 'mlp', 'fc2', 'bias')] == pytest.approx(0.9)
+  assert lr[(b, 'norm', 'scale')] == 1.0 and lr[('dino_head', 'mlp', 'layers_0', 'kernel')] == 1.0
+  assert wd[(b, 'blocks_1', 'ls1', 'gamma')] == 0 and wd[(b, 'blocks_1', 'norm2', 'scale')] == 0
+  assert wd[(b, 'pos_embed')] == 1 and wd[(b, 'mask_token')] == 1  # tokens are decayed upstream
+  assert wd[('dino_head', 'last_layer', 'weight_g')] == 1
+  assert {p for p, v in last.items() if v} == {
+      (h, 'last_layer', w) for h in ('dino_head', 'ibot_head') for w in ('weight_g', 'weight_v')}
+
+
+def test_multipliers_scanned_are_per_layer_vectors():
+  flat = _leaves(optim.param_multipliers(_student_shapes(False), 0.9, 0.2)[0])
+  scanned_shapes = _student_shapes(True)
+  scanned = _leaves(optim.param_multipliers(scanned_shapes, 0.9, 0.2)[0])
+  shapes = _leaves(scanned_shapes)
+  n_block_leaves = 0
+  for path, mult in scanned.items():
+    if path[1] != 'blocks':
+      assert mult == flat[path], path
+      continue
+    n_block_leaves += 1
+    assert mult.shape == (3,) + (1,) * (len(shapes[path].shape) - 1), path
+    per_layer = [flat[(path[0], f'blocks_{i}') + path[2:]] for i in range(3)]
+    np.testing.assert_allclose(mult.reshape(3), per_layer, rtol=1e-6)
+    np.testing.assert_allclose(mult.reshape(3), [0.9 ** 3, 0.9 ** 2, 0.9], rtol=1e-6)
+  assert n_block_leaves == 16
+
+
+def test_missing_backbone_key_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"no 'backbone' subtree; top-level keys: \['params'\]"):
+    optim.param_multipliers({'params': {'x': jnp.zeros(2)}})
+
+
+# ---------------------------------------------------------------------------
+# The optax chain against torch.optim.AdamW with the reference's param groups.
+
+SCHEDULES = DinoV2Schedules(lr=0.01, epochs=4, epoch_length=2, warmup_epochs=1,
+                            warmup_teacher_temp_epochs=1, freeze_last_layer_epochs=1)
+
+
+def _small_student(seed=0):
+  vit = get_arch('vits14_reg', depth=3, img_size=28, embed_dim=32, num_heads=2)
+  head = DINOHead(out_dim=24, hidden_dim=16, bottleneck_dim=8)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return nn.meta.unbox({
+      'backbone': vit.init(k1, jnp.zeros((1, 28, 28, 3)))['params'],
+      'dino_head': head.init(k2, jnp.zeros((1, 32)))['params'],
+      'ibot_head': head.init(k3, jnp.zeros((1, 32)))['params']})
+
+
+def _random_grads(params, step):
+  """Large backbone grads (clipped), moderate dino-head, tiny ibot-head (not clipped)."""
+  scale = {'backbone': 1.0, 'dino_head': 0.5, 'ibot_head': 1e-3}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  rng = np.random.default_rng(100 + step)
+  grads = [rng.normal(size=v.shape).astype(np.float32) * scale[optim.dict_path(p)[0]] for p, v in leaves]
+  return jax.tree.unflatten(treedef, grads)
+
+
+def _torch_adamw_run(params, n_steps):
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  torch_params, groups, submodules = [], [], {}
+  for path, value in leaves:
+    p = optim.dict_path(path)
+    tp = torch.nn.Parameter(torch.tensor(np.asarray(value)))
+    lr_mult, wd_mult, last = _reference_rules(p[0], _torch_name(p[1:]), 3, 0.9, 0.2)
+    groups.append(dict(params=[tp], lr_multiplier=lr_mult, wd_multiplier=wd_mult, is_last_layer=last))
+    submodules.setdefault(p[0], []).append(tp)
+    torch_params.append(tp)
+  opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))  # eps 1e-8 default
+  total = 8
+  for step in range(n_steps):
+    lr = _lr_closed(step, 0.01, 1e-6, 2, total)
+    last_lr = 0.0 if step < 2 else lr
+    wd = _cos_closed(step, 0.04, 0.4, total)
+    for g in opt.param_groups:  # dinov2 apply_optim_scheduler
+      g['weight_decay'] = wd * g['wd_multiplier']
+      g['lr'] = (last_lr if g['is_last_layer'] else lr) * g['lr_multiplier']
+    grads = jax.tree.leaves(_random_grads(params, step))
+    for tp, g in zip(torch_params, grads):
+      tp.grad = torch.tensor(g)
+    for sub in submodules.values():
+      torch.nn.utils.clip_grad_norm_(sub, 3.0)
+    opt.step()
+  return [tp.detach().numpy() for tp in torch_params]
+
+
+def _optax_run(params, n_steps, to_tree=lambda t: t, from_tree=lambda t: t):
+  tx = optim.dinov2_optimizer(SCHEDULES, layerwise_decay=0.9, patch_embed_lr_mult=0.2, clip_grad=3.0)
+  params = to_tree(params)
+  state = tx.init(params)
+
+  @jax.jit
+  def step_fn(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  history = []
+  for step in range(n_steps):
+    grads = to_tree(_random_grads(from_tree(params), step))
+    params, state = step_fn(params, state, grads)
+    history.append(from_tree(params))
+  return history, state
+
+
+def test_optimizer_matches_torch_adamw_with_reference_groups():
+  params = _small_student()
+  n_steps = 5  # covers lr 0 at step 0, frozen last layer (0, 1), warmup end, cosine
+  expected = _torch_adamw_run(params, n_steps)
+  history, state = _optax_run(params, n_steps)
+  got = jax.tree.leaves(history[-1])
+  for (path, _), a, b in zip(jax.tree_util.tree_flatten_with_path(params)[0], got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg='/'.join(optim.dict_path(path)))
+  # frozen prototypes for the first epoch (2 steps), moving afterwards; step 0 has lr 0
+  for head in ('dino_head', 'ibot_head'):
+    for name in ('weight_g', 'weight_v'):
+      before = params[head]['last_layer'][name]
+      np.testing.assert_array_equal(history[1][head]['last_layer'][name], before)
+      assert not np.allclose(history[2][head]['last_layer'][name], before)
+  np.testing.assert_array_equal(history[0]['backbone']['cls_token'], params['backbone']['cls_token'])
+  # optimiser state: plain arrays shaped like the params, plus a step count
+  assert int(state[-1].count) == n_steps
+  adam = state[1]
+  assert jax.tree.map(jnp.shape, adam.mu) == jax.tree.map(jnp.shape, params)
+
+
+def _scan(tree, depth=3):
+  bb = dict(tree['backbone'])
+  blocks = [bb.pop(f'blocks_{i}') for i in range(depth)]
+  bb['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return {**tree, 'backbone': bb}
+
+
+def _unscan(tree, depth=3):
+  bb = dict(tree['backbone'])
+  blocks = bb.pop('blocks')
+  for i in range(depth):
+    bb[f'blocks_{i}'] = jax.tree.map(lambda x: x[i], blocks)
+  return {**tree, 'backbone': bb}
+
+
+def test_optimizer_scanned_equals_unscanned():
+  params = _small_student()
+  flat, _ = _optax_run(params, 3)
+  scanned, _ = _optax_run(params, 3, to_tree=_scan, from_tree=_unscan)
+  for a, b in zip(jax.tree.leaves(flat[-1]), jax.tree.leaves(scanned[-1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_clip_per_submodule_uses_torch_formula():
+  grads = {'backbone': {'w': jnp.full((4,), 3.0)},    # norm 6 -> scaled to 3 / (6 + 1e-6)
+           'dino_head': {'w': jnp.full((4,), 0.5)}}   # norm 1 -> unchanged
+  clipped, _ = optim.clip_by_global_norm_per_submodule(3.0).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(clipped['backbone']['w'], 3.0 * 3.0 / (6.0 + 1e-6), rtol=1e-7)
+  np.testing.assert_array_equal(clipped['dino_head']['w'], grads['dino_head']['w'])
+  norms = optim.submodule_global_norms(grads)
+  assert float(norms['backbone']) == pytest.approx(6.0) and float(norms['dino_head']) == pytest.approx(1.0)

@@ -1,0 +1,87 @@
+"""A recipe bound to a mesh and a rule table: the one place steps get jitted.
+
+The training loop, the planner and the tests all go through ``ShardedRecipe``,
+so a train step is compiled the same way everywhere: explicit
+``in_shardings``/``out_shardings`` from the logical names, the state donated,
+and the recipe traced with the rules live (activation constraints on
+``batch``).
+"""
+
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vitreg_jax.parallel import batch as batch_lib
+from vitreg_jax.parallel import rules as rules_lib
+from vitreg_jax.train import state as state_lib
+from vitreg_jax.train.recipes import Recipe
+
+
+class ShardedRecipe:
+  """``recipe`` on ``mesh`` under ``rules`` (see ``parallel/rules.py``)."""
+
+  def __init__(self, recipe: Recipe, mesh: Mesh, rules: rules_lib.Rules):
+    self.recipe, self.mesh, self.rules = recipe, mesh, rules
+    self.abstract_state = jax.eval_shape(recipe.init_state, jax.random.key(0))
+    self.state_shardings = state_lib.state_shardings(self.abstract_state, mesh, rules)
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self._steps = {}
+
+  # --- state -------------------------------------------------------------
+  def init(self, rng: jax.Array) -> state_lib.TrainState:
+    """The initial state, each leaf computed directly on its shards."""
+    init = jax.jit(lambda r: state_lib.unbox(self.recipe.init_state(r)),
+                   out_shardings=self.state_shardings)
+    return init(rng)
+
+  def abstract_sharded_state(self) -> Any:
+    """``ShapeDtypeStruct``s with shardings: the state without any memory."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state_lib.unbox(self.abstract_state), self.state_shardings)
+
+  # --- batches -----------------------------------------------------------
+  def batch_layout(self, global_batch_size: int) -> batch_lib.BatchLayout:
+    return batch_lib.batch_layout(self.mesh, self.rules, global_batch_size)
+
+  def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    return batch_lib.batch_shardings(self.recipe.batch_axes, batch, self.mesh, self.rules)
+
+  def global_batch(self, local_batch: Mapping[str, Any], global_batch_size: int):
+    """This process's rows -> global arrays (see ``parallel/batch.py``)."""
+    layout = self.batch_layout(global_batch_size)
+    abstract = self.recipe.abstract_batch(global_batch_size)
+    return batch_lib.global_batch(local_batch, layout, self.batch_shardings(abstract))
+
+  def abstract_batch(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    self.batch_layout(global_batch_size)  # validates the size against the mesh
+    abstract = self.recipe.abstract_batch(global_batch_size)
+    shardings = self.batch_shardings(abstract)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+            for k, v in abstract.items()}
+
+  # --- the step ----------------------------------------------------------
+  def _traced_step(self, state, batch, rng):
+    with rules_lib.activate(self.mesh, self.rules):
+      return self.recipe.train_step(state, batch, rng)
+
+  def _jitted_step(self, batch: Mapping[str, Any]):
+    key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if key not in self._steps:
+      self._steps[key] = jax.jit(
+          self._traced_step,
+          in_shardings=(self.state_shardings, self.batch_shardings(batch), self.replicated),
+          out_shardings=(self.state_shardings, self.replicated),
+          donate_argnums=(0,))
+    return self._steps[key]
+
+  def train_step(self, state, batch, rng):
+    """One step; ``state`` is donated (its buffers are reused for the result)."""
+    return self._jitted_step(batch)(state, batch, rng)
+
+  def lower(self, global_batch_size: int) -> jax.stages.Lowered:
+    """The step lowered on abstract inputs: nothing is allocated."""
+    batch = self.abstract_batch(global_batch_size)
+    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+    rng = jax.ShapeDtypeStruct((), key_dtype, sharding=self.replicated)
+    return self._jitted_step(batch).lower(self.abstract_sharded_state(), batch, rng)
