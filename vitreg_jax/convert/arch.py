@@ -20,17 +20,19 @@ ARCH_FIELDS = (
     'class_token', 'layerscale_init', 'img_size', 'interpolate_antialias', 'interpolate_offset',
     'norm_eps')
 # What an arch name such as 'vitl14_reg' fixes.
-NAMED_FIELDS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'ffn', 'num_registers', 'mlp_ratio')
+NAMED_FIELDS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'ffn', 'num_registers',
+                'mlp_ratio')
 HEADS_BY_WIDTH = {dim: heads for dim, _, heads, _ in VARIANTS.values()}
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 
 
 def _mlp_ratio(dim: int, hidden: int, ffn: str) -> float:
   """A ratio that reproduces ``hidden`` with the model's own width formula."""
-  width = (layers.swiglu_hidden_dim if ffn == 'swiglu' else lambda d, r: int(d * r))
   if ffn == 'swiglu':
+    width = layers.swiglu_hidden_dim
     candidates = [4.0] + [1.5 * (t + 0.25) / dim for t in range(hidden - 7, hidden + 1)]
   else:
+    width = lambda d, r: int(d * r)  # noqa: E731  (VisionTransformer.mlp_hidden_dim)
     candidates = [4.0, hidden / dim, (hidden + 0.25) / dim]
   for ratio in candidates:
     if width(dim, ratio) == hidden:
@@ -92,15 +94,17 @@ def describe(kw: dict) -> str:
   for variant, (dim, depth, heads, ffn) in VARIANTS.items():
     if key == (dim, depth, heads, ffn, 4.0):
       r = kw.get('num_registers', 0)
-      name = f'vit{variant}{kw.get("patch_size")}' + ('' if not r else '_reg' if r == 4 else f'_reg{r}')
+      suffix = '' if not r else '_reg' if r == 4 else f'_reg{r}'
+      name = f'vit{variant}{kw.get("patch_size")}{suffix}'
   fields = ', '.join(f'{k}={kw[k]!r}' for k in ARCH_FIELDS if k in kw)
   return f'{name} ({fields})'
 
 
 def resolve(inferred: dict, grid: int | None, carried: dict, arch: str | None,
-            convention: dict, overrides: dict) -> dict:
+            convention, overrides: dict) -> dict:
   """Model kwargs from, in increasing priority: shapes, an arch name, the
-  checkpoint's own config, the format's interpolation convention, overrides."""
+  checkpoint's own config, the format's interpolation ``convention(num_registers)``,
+  overrides."""
   kw = dict(inferred)
   if arch:
     kw.update(named(arch))
@@ -108,12 +112,14 @@ def resolve(inferred: dict, grid: int | None, carried: dict, arch: str | None,
   if 'img_size' not in carried:
     patch = kw.get('patch_size', 14)
     kw['img_size'] = grid * patch if grid else (518 if patch == 14 else 224)
-  kw.update({k: v for k, v in convention.items() if k not in carried})
+  kw.update({k: v for k, v in convention(kw.get('num_registers', 0)).items() if k not in carried})
   kw.update(overrides)
   missing = [k for k in ('patch_size', 'embed_dim', 'depth', 'num_heads') if k not in kw]
   if missing:
-    why = (f'embed_dim {kw["embed_dim"]} is not a standard width {sorted(HEADS_BY_WIDTH)}'
-           if 'embed_dim' in kw and missing == ['num_heads'] else 'the checkpoint lacks the keys to read it from')
+    if 'embed_dim' in kw and missing == ['num_heads']:
+      why = f'embed_dim {kw["embed_dim"]} is not a standard width {sorted(HEADS_BY_WIDTH)}'
+    else:
+      why = 'the checkpoint lacks the keys to read it from'
     raise ConversionError(
         f'cannot infer {", ".join(missing)} ({why}); name the architecture with --arch '
         f'(e.g. vits14_reg) or pass it as an override, e.g. num_heads=...')

@@ -28,7 +28,8 @@ TABLE = Table((
     Rule('patch_embed/proj/bias', 'patch_embed.proj.bias'),
     Rule('blocks_{i}/norm1/scale', 'blocks.{i}.norm1.weight'),
     Rule('blocks_{i}/norm1/bias', 'blocks.{i}.norm1.bias'),
-    Rule('blocks_{i}/attn/qkv/kernel', 'blocks.{i}.attn.qkv.weight', LINEAR),  # [3D, D] -> [D, 3, H, hd]
+    # [3D, D] -> [D, 3, H, hd]
+    Rule('blocks_{i}/attn/qkv/kernel', 'blocks.{i}.attn.qkv.weight', LINEAR),
     Rule('blocks_{i}/attn/qkv/bias', 'blocks.{i}.attn.qkv.bias', VECTOR),
     Rule('blocks_{i}/attn/proj/kernel', 'blocks.{i}.attn.proj.weight', linear(2)),  # -> [H, hd, D]
     Rule('blocks_{i}/attn/proj/bias', 'blocks.{i}.attn.proj.bias'),

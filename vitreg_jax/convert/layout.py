@@ -37,6 +37,12 @@ def ones(shape, like):
   return xp(like).ones(shape, like.dtype)
 
 
+def shapes_of(fn, tensors: dict) -> dict:
+  """``{name: shape}`` of ``fn(tensors)`` computed without allocating anything."""
+  specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tensors.items()}
+  return {k: tuple(v.shape) for k, v in jax.eval_shape(fn, specs).items()}
+
+
 def split3(x):
   """Splits the leading axis in three equal parts (packed q, k, v rows)."""
   n = x.shape[0] // 3
@@ -88,7 +94,11 @@ class Rule:
 
 
 class Table:
-  """A readable two-way name map (plus layouts) between flat dicts."""
+  """A readable two-way name map (plus layouts) between flat dicts.
+
+  The left column (``Rule.ours``) is the side nearer our params: our names in
+  ``dinov2.TABLE``, DINOv2 hub names in ``hf.RENAMES``.
+  """
 
   def __init__(self, rules: tuple[Rule, ...]):
     self.rules = rules
@@ -109,14 +119,3 @@ class Table:
 
   def ours_name(self, theirs_name: str):
     return self._lookup(theirs_name, self._theirs, 'ours')
-
-  def rename(self, tensors: dict, to_theirs: bool, keep_unknown: bool = True) -> dict:
-    """Renames keys only (layouts must be SAME for the rows this is used on)."""
-    out = {}
-    for name, x in tensors.items():
-      new, _ = (self.theirs_name if to_theirs else self.ours_name)(name)
-      if new is not None:
-        out[new] = x
-      elif keep_unknown:
-        out[name] = x
-    return out

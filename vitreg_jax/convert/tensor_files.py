@@ -105,10 +105,10 @@ def write_torch(tensors: dict, path: str) -> None:
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
 
 
-def write_tensors(tensors: dict, path: str) -> None:
-  """By suffix: safetensors (no torch needed) or a torch state dict."""
+def write_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+  """By suffix: safetensors (no torch needed; with ``metadata``) or a torch state dict."""
   if path.endswith('.safetensors'):
-    write_safetensors(tensors, path)
+    write_safetensors(tensors, path, metadata)
   elif path.endswith(TORCH_SUFFIXES):
     write_torch(tensors, path)
   else:
