@@ -37,6 +37,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
     packages=find_packages(include=['vitreg_jax', 'vitreg_jax.*']),
+    package_data={'vitreg_jax.data': ['bpe_simple_vocab_16e6.txt.gz']},
     install_requires=CORE,
     extras_require={'torch': TORCH, 'test': TEST, 'notebooks': ['jupyter', 'nbclient', 'nbformat', 'matplotlib']},
 )

@@ -25,6 +25,7 @@ from PIL import ImageOps
 
 # A prime far larger than a batch, so a substitute rarely lands in the same batch.
 _FALLBACK_STRIDE = 7919
+_EXIF_ORIENTATION = 0x0112
 
 
 class DecodeError(ValueError):
@@ -98,7 +99,8 @@ def decode_image(data) -> np.ndarray:
       raise DecodeError(f'cannot decode an image from {type(data).__name__}')
     with opened as image:
       image.load()  # decode now, inside the try, not lazily later
-      image = ImageOps.exif_transpose(image)
+      if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
       return _pil_to_rgb(image)
   except DecodeError:
     raise
@@ -151,7 +153,7 @@ class DecodedDataset(grain.MapDataset):
       out = dict(record)
       out['image'] = image
       out['skipped'] = attempt
-      out['valid'] = 1
+      out['valid'] = int(record.get('valid', 1))  # padding records arrive with valid = 0
       return out
     if self._on_error == 'invalid':
       out = dict(record)

@@ -208,7 +208,8 @@ class TfdsSource:
       self._source = tfds.builder_from_directory(version_dir).as_data_source(split, decoders=decoders)
     except Exception as e:  # tfds raises several types for "not there / wrong format"
       raise ValueError(f'tfds dataset {name!r} split {split!r} is not available as ArrayRecord in '
-                       f'data_dir={data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0]}). '
+                       f'data_dir={data_dir!r} ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0].replace(" Possible root causes:", "")}). '
                        + _prepare_hint(name, data_dir)) from e
     features = self._source.dataset_info.features
     self._has_label = 'label' in features
@@ -240,11 +241,38 @@ class TfdsSource:
             f'image_decoding={self.image_decoding!r}, size={len(self)})')
 
 
+class PaddedSource:
+  """``source`` extended to ``length`` records with blank, ``valid = 0`` padding.
+
+  Evaluation pads the dataset so every process gets the same number of full
+  batches (global arrays need the same shape everywhere); metrics drop padding.
+  """
+
+  def __init__(self, source, length: int):
+    if length < len(source):
+      raise ValueError(f'padded length {length} is shorter than the source ({len(source)})')
+    self.source, self.length = source, int(length)
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, index):
+    index = int(index)
+    if index < len(self.source):
+      return self.source[index]
+    return {'image': np.zeros((16, 16, 3), np.uint8), 'label': -1, 'boxes': _NO_BOXES,
+            'caption': '', 'index': -1, 'valid': 0}
+
+  def __repr__(self):
+    return f'PaddedSource({self.source!r}, length={self.length})'
+
+
 def make_source(data_config, split: str):
   """The source ``config.data`` describes, for ``split`` ('train', 'val', tfds split strings)."""
   kind = data_config.get('source', 'embedded')
   if kind == 'embedded':
-    return EmbeddedSource(split, **dict(data_config.get('embedded', {})))
+    options = data_config.get('embedded') or {}
+    return EmbeddedSource(split, **(options.to_dict() if hasattr(options, 'to_dict') else dict(options)))
   if kind == 'tfds':
     if not data_config.get('name'):
       raise ValueError("data.source='tfds' needs data.name (e.g. 'imagenet2012', 'voc/2007')")
