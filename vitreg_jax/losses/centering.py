@@ -50,8 +50,9 @@ def update_center(center, logits, momentum: float = 0.9, valid=None):
   if valid is None:
     batch_mean = jnp.mean(flat, axis=0)
   else:
-    w = valid.reshape(-1).astype(jnp.float32)
-    batch_mean = jnp.einsum('n,nk->k', w, flat) / jnp.maximum(jnp.sum(w), 1.0)
+    keep = valid.reshape(-1, 1)
+    total = jnp.sum(jnp.where(keep, flat, 0.0), axis=0)  # where, not 0 * x: x may be garbage
+    batch_mean = total / jnp.maximum(jnp.sum(keep.astype(jnp.float32)), 1.0)
   return momentum * jnp.asarray(center, jnp.float32) + (1.0 - momentum) * batch_mean
 
 
@@ -70,7 +71,9 @@ def sinkhorn_knopp(logits, temperature, n_iterations: int = 3, valid=None):
   samples (the ``valid`` ones when given: iBOT's number of masked patches),
   across the whole global batch. The global maximum (over valid entries) is
   subtracted before ``exp``: the first normalisation cancels it, and it
-  cannot overflow. Invalid samples get all-zero rows.
+  cannot overflow. Invalid samples get all-zero rows: keeping them out of
+  the per-prototype sums is what matters, since ``M`` itself is only a global
+  scale that the next normalisation (and the final ``* M``) cancels.
   """
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
   _check_valid(logits, valid)

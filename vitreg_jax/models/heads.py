@@ -22,7 +22,6 @@ axis twice), ``prototypes`` (K); the bottleneck axis is unnamed (replicated).
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitreg_jax.models.layers import LINEAR_INIT, logical

@@ -34,8 +34,10 @@ def cosine_schedule(step, base_value: float, final_value: float, total_steps: in
   warm_i = step - freeze_steps
   warm = start_warmup_value + (base_value - start_warmup_value) * warm_i / max(warmup_steps - 1, 1)
   cos_i = step - freeze_steps - warmup_steps
-  cosine = final_value + 0.5 * (base_value - final_value) * (
-      1.0 + jnp.cos(jnp.pi * cos_i / max(cosine_steps, 1)))
+  # 0.5 * (1 + cos(pi * i / n)) == sin(pi / 2 * (n - i) / n)^2, which keeps full
+  # float32 relative accuracy as the value approaches ``final`` (no cancellation).
+  remaining = (cosine_steps - cos_i) / max(cosine_steps, 1)
+  cosine = final_value + (base_value - final_value) * jnp.square(jnp.sin(0.5 * jnp.pi * remaining))
   value = jnp.where(step < freeze_steps + warmup_steps, warm, cosine)
   value = jnp.where(step < freeze_steps, 0.0, value)
   return jnp.where(step >= total_steps, final_value, value).astype(jnp.float32)
@@ -66,9 +68,11 @@ class DinoV2Schedules:
     for name in ('epochs', 'epoch_length'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
-    for name in ('warmup_epochs', 'warmup_teacher_temp_epochs', 'freeze_last_layer_epochs'):
-      if not 0 <= getattr(self, name) <= self.epochs:
-        raise ValueError(f'{name}={getattr(self, name)} must lie in [0, epochs={self.epochs}]')
+    if not 0 <= self.warmup_epochs <= self.epochs:
+      raise ValueError(f'warmup_epochs={self.warmup_epochs} must lie in [0, epochs={self.epochs}]')
+    for name in ('warmup_teacher_temp_epochs', 'freeze_last_layer_epochs'):
+      if getattr(self, name) < 0:  # independent of `epochs` upstream
+        raise ValueError(f'{name}={getattr(self, name)} must be >= 0')
 
   @property
   def total_steps(self) -> int:
