@@ -72,15 +72,14 @@ def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int) -> 
   return BatchLayout(global_batch_size, shards, start, stop)
 
 
-def batch_shardings(batch_axes: Mapping[str, Sequence[str | None]], shapes: Mapping[str, Any],
+def batch_shardings(batch_axes: Mapping[str, Sequence[str | None]], batch: Mapping[str, Any],
                     mesh: Mesh, rules: rules_lib.Rules) -> dict[str, NamedSharding]:
   """``NamedSharding`` per batch field from its logical axes (e.g. ``('batch', None)``)."""
-  missing = sorted(set(shapes) - set(batch_axes))
+  missing = sorted(set(batch) - set(batch_axes))
   if missing:
     raise ValueError(f'batch fields {missing} have no logical axes; known: {sorted(batch_axes)}')
-  return {k: rules_lib.logical_sharding(batch_axes[k], np.shape(v) if not hasattr(v, 'shape')
-                                        else v.shape, rules, mesh)
-          for k, v in shapes.items()}
+  return {k: rules_lib.logical_sharding(batch_axes[k], tuple(v.shape), rules, mesh)
+          for k, v in batch.items()}
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], layout: BatchLayout,

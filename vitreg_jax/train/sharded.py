@@ -31,9 +31,9 @@ class ShardedRecipe:
   # --- state -------------------------------------------------------------
   def init(self, rng: jax.Array) -> state_lib.TrainState:
     """The initial state, each leaf computed directly on its shards."""
-    init = jax.jit(lambda r: state_lib.unbox(self.recipe.init_state(r)),
-                   out_shardings=self.state_shardings)
-    return init(rng)
+    state, _ = state_lib.init_sharded(self.recipe.init_state, rng, self.mesh, self.rules,
+                                      self.state_shardings)
+    return state
 
   def abstract_sharded_state(self) -> Any:
     """``ShapeDtypeStruct``s with shardings: the state without any memory."""
@@ -85,3 +85,13 @@ class ShardedRecipe:
     key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
     rng = jax.ShapeDtypeStruct((), key_dtype, sharding=self.replicated)
     return self._jitted_step(batch).lower(self.abstract_sharded_state(), batch, rng)
+
+
+def from_config(config, devices=None) -> ShardedRecipe:
+  """``config.trainer``'s recipe on a mesh from ``config.mesh`` under ``config.sharding``."""
+  from vitreg_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import recipes  # pylint: disable=import-outside-toplevel
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  strategy = config.sharding.strategy
+  rules_lib.validate_strategy(strategy, mesh)
+  return ShardedRecipe(recipes.get_recipe(config), mesh, rules_lib.get_rules(strategy))

@@ -82,13 +82,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: rules_lib.Rules) -> 
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: rules_lib.Rules,
-                 *args) -> tuple[Any, Any]:
-  """Runs ``init_fn(*args)`` with every leaf born on its own shards.
+def init_sharded(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                 rules: rules_lib.Rules, shardings: Any = None) -> tuple[Any, Any]:
+  """Runs ``init_fn(rng)`` with every leaf born on its own shards.
 
-  Returns ``(state, shardings)``; the state is unboxed.
+  Returns ``(state, shardings)``; the state is unboxed. ``shardings`` may be
+  passed when already known (they are otherwise derived via ``eval_shape``).
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = state_shardings(abstract, mesh, rules)
-  state = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  if shardings is None:
+    shardings = state_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
+  state = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shardings)(rng)
   return state, shardings

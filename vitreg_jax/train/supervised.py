@@ -129,7 +129,7 @@ class SupervisedRecipe:
     metrics = {
         'loss': loss,
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'learning_rate': self.schedule(state.step),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
