@@ -9,21 +9,26 @@ Modes:
   whether it fits ``--plan.hbm_gib``. Nothing is allocated; runs on any CPU.
   Override the mesh / strategy as usual, e.g.
   ``--config.mesh.fsdp=-1 --config.mesh.tensor=4 --config.sharding.strategy=fsdp_tp``.
-* ``export``: write the trained weights in external formats.
+* ``export``: the latest checkpoint's backbone in every format of
+  ``config.train.export_formats`` (vitreg, dinov2, timm, hf) under ``WORKDIR/export``.
+* ``eval``: kNN top-1 and the high-norm-token fraction of the latest checkpoint
+  (``--eval_random_init``: of the same network at random init, the baseline).
 """
 
+import json
 import os
 import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'plan', 'export')
+MODES = ('train', 'plan', 'export', 'eval')
 
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/supervised.py:smoke.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs (train, export).')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+flags.DEFINE_bool('eval_random_init', False, 'eval: evaluate a freshly initialised network.')
 flags.DEFINE_integer('plan.devices', None, 'plan: number of (simulated) devices.')
 flags.DEFINE_float('plan.hbm_gib', 16.0, 'plan: HBM per device in GiB (v4: 32, v5e: 16, v5p: 95).')
 flags.DEFINE_string('plan.json', None, 'plan: also write the result as JSON to this path.')
@@ -69,20 +74,21 @@ def initialize_distributed(config) -> None:
 
 def run_train(config, workdir: str) -> None:
   initialize_distributed(config)
-  try:
-    from vitreg_jax.train import loop  # pylint: disable=import-outside-toplevel
-  except ModuleNotFoundError as e:
-    if e.name != 'vitreg_jax.train.loop':
-      raise
-    raise SystemExit('--mode=train needs vitreg_jax/train/loop.py (the training loop), which is '
-                     'not written yet; --mode=plan works already') from e
+  from vitreg_jax.train import loop  # pylint: disable=import-outside-toplevel
   loop.run(config, workdir)
 
 
 def run_export(config, workdir: str) -> None:
-  del config, workdir
-  raise SystemExit('--mode=export is not available yet: the exporters live in '
-                   'vitreg_jax/convert/ and are not wired to the CLI')
+  initialize_distributed(config)
+  from vitreg_jax.train import loop  # pylint: disable=import-outside-toplevel
+  loop.export(config, workdir)
+
+
+def run_eval(config, workdir: str) -> None:
+  initialize_distributed(config)
+  from vitreg_jax.train import loop  # pylint: disable=import-outside-toplevel
+  metrics = loop.evaluate_checkpoint(config, workdir, random_init=FLAGS.eval_random_init)
+  print(json.dumps(metrics))
 
 
 def main(argv) -> None:
@@ -95,10 +101,10 @@ def main(argv) -> None:
   if mode == 'plan':
     run_plan(config)
     return
-  if not FLAGS.workdir:
+  if not FLAGS.workdir and not (mode == 'eval' and FLAGS.eval_random_init):
     raise app.UsageError(f'--mode={mode} needs --workdir')
   logging.info('mode %s, workdir %s', mode, FLAGS.workdir)
-  {'train': run_train, 'export': run_export}[mode](config, FLAGS.workdir)
+  {'train': run_train, 'export': run_export, 'eval': run_eval}[mode](config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -19,26 +19,14 @@ import jax.numpy as jnp
 import optax
 
 from vitreg_jax.models import layers
-from vitreg_jax.models.vit import VisionTransformer, get_arch
+from vitreg_jax.models.build import backbone_from_config
+from vitreg_jax.models.vit import VisionTransformer
 from vitreg_jax.train import flops
 from vitreg_jax.train.state import TrainState, unbox
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 POOLS = ('cls', 'mean')
 NO_DECAY_PARAMS = ('bias', 'scale', 'gamma', 'cls_token', 'register_tokens', 'pos_embed',
                    'mask_token')
-
-
-def backbone_from_config(model_config: Mapping[str, Any]) -> VisionTransformer:
-  """``get_arch(arch, **overrides)`` with ``dtype`` given by name."""
-  overrides = dict(model_config)
-  arch = overrides.pop('arch')
-  if 'dtype' in overrides:
-    name = overrides['dtype']
-    if name not in DTYPES:
-      raise ValueError(f'config.model.dtype={name!r}; valid: {sorted(DTYPES)}')
-    overrides['dtype'] = DTYPES[name]
-  return get_arch(arch, **overrides)
 
 
 class ViTClassifier(nn.Module):

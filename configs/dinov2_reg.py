@@ -1,0 +1,168 @@
+"""DINOv2 with registers (the paper's main setting): ``get_config(arg)``.
+
+  --config=configs/dinov2_reg.py                       ViT-L/16, 4 registers, upstream default
+                                                       recipe (ImageNet-1k, 100 epochs)
+  --config=configs/dinov2_reg.py:variant=L/14          ViT-L/14 ImageNet-22k recipe (SwiGLU,
+                                                       Sinkhorn-Knopp, 131072 prototypes)
+  --config=configs/dinov2_reg.py:variant=g/14,registers=8
+  --config=configs/dinov2_reg.py:smoke                 tiny model, embedded dataset, CPU minutes
+
+Keys: variant (S/14 B/14 L/16 L/14 g/14), registers, batch (global), epochs,
+strategy (dp | fsdp | fsdp_tp), centering, data (embedded | a tfds name).
+Any field can also be set with ``--config.path.to.field=value``.
+Facts: shared/REFERENCE.md §3 and dinov2/configs/{ssl_default_config,train/*}.yaml.
+"""
+
+import ml_collections
+
+from vitreg_jax import config_args
+
+NUM_REGISTERS = 4
+VARIANTS = ('S/14', 'B/14', 'L/16', 'L/14', 'g/14')
+# Reference batch per GPU, used for KoLeo groups (the reference computes KoLeo per GPU).
+PER_GPU_BATCH = {'S/14': 64, 'B/14': 64, 'L/16': 64, 'L/14': 32, 'g/14': 12}
+
+
+def arch_name(variant: str, registers: int) -> str:
+  size, patch = variant.split('/')
+  reg = f'_reg{registers}' if registers else ''
+  return f'vit{size.lower()}{patch}{reg}'
+
+
+def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
+  """Upstream ``ssl_default_config`` (ViT-L/16, ImageNet-1k short) plus registers."""
+  c = ml_collections.ConfigDict()
+  c.trainer = 'dinov2'
+  c.seed = 0
+  c.variant = 'L/16'
+  c.num_registers = registers
+
+  c.model = ml_collections.ConfigDict(dict(
+      arch=arch_name('L/16', registers), drop_path_rate=0.3, layerscale_init=1e-5,
+      dtype='bfloat16', scan_blocks=True, remat_policy='dots_no_batch', attention_impl='auto'))
+  c.centering = 'centering'  # or 'sinkhorn_knopp'
+  c.dino = ml_collections.ConfigDict(dict(
+      loss_weight=1.0, koleo_loss_weight=0.1, koleo_group_size=64, student_temp=0.1,
+      head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3, head_hidden_dim=2048))
+  c.ibot = ml_collections.ConfigDict(dict(
+      loss_weight=1.0, separate_head=False, group_size=0,  # 0: the per-process batch
+      head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3, head_hidden_dim=2048))
+  c.teacher = ml_collections.ConfigDict(dict(
+      momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
+      teacher_temp=0.07, warmup_teacher_temp_epochs=30))
+  c.optim = ml_collections.ConfigDict(dict(
+      epochs=100, epoch_length=1250, weight_decay=0.04, weight_decay_end=0.4, base_lr=4e-3,
+      warmup_epochs=10, min_lr=1e-6, clip_grad=3.0, freeze_last_layer_epochs=1,
+      scaling_rule='sqrt_wrt_1024', patch_embed_lr_mult=0.2, layerwise_decay=0.9,
+      adamw_beta1=0.9, adamw_beta2=0.999))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet2012', split='train', eval_split='validation',
+      data_dir=ml_collections.FieldReference(None, field_type=str), batch_size=1024,
+      num_workers=8, shuffle=True))
+  c.augment = ml_collections.ConfigDict(dict(
+      global_crops_size=224, local_crops_size=96, local_crops_number=8,
+      global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
+      blur_probs='as_trained'))  # 'intended' for the BYOL/DINO values (REFERENCE §3)
+  c.masking = ml_collections.ConfigDict(dict(
+      patch_size=16, mask_probability=0.5, ratio_min_max=(0.1, 0.5)))
+
+  c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
+  c.sharding = ml_collections.ConfigDict({'strategy': 'fsdp'})
+  c.distributed = ml_collections.ConfigDict(
+      {'mode': 'auto', 'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
+
+  c.train = ml_collections.ConfigDict(dict(
+      log_every=50, checkpoint_every=1250, keep_checkpoints=3, eval_every=12500,
+      export_formats=('vitreg', 'dinov2', 'timm', 'hf'),
+      peak_flops_per_device=197e12))  # TPU v5e bf16; set for your accelerator (MFU)
+  c.eval = ml_collections.ConfigDict(dict(
+      knn_ks=(10, 20, 100, 200), knn_temperature=0.07, train_split='train',
+      max_train_examples=0, max_eval_examples=0))  # 0: the whole split
+  return c
+
+
+def set_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+  """Model + recipe of one of the paper's settings (REFERENCE §3)."""
+  if variant not in VARIANTS:
+    raise ValueError(f'variant={variant!r}; valid: {VARIANTS}')
+  c.variant = variant
+  patch = int(variant.split('/')[1])
+  c.model.arch = arch_name(variant, c.num_registers)
+  c.masking.patch_size = patch
+  c.dino.koleo_group_size = PER_GPU_BATCH[variant]
+  c.augment.local_crops_size = 98 if patch == 14 else 96
+  if variant in ('L/14', 'g/14'):  # the ImageNet-22k recipe: train/vitl14.yaml, vitg14.yaml
+    c.model.ffn = 'swiglu'
+    c.model.drop_path_rate = 0.4
+    c.centering = 'sinkhorn_knopp'
+    c.dino.head_n_prototypes = 131072
+    c.dino.head_bottleneck_dim = 384
+    c.ibot.separate_head = True
+    c.ibot.head_n_prototypes = 131072
+    c.teacher.momentum_teacher = 0.994
+    c.optim.update(epochs=500, weight_decay_end=0.2, base_lr=2e-4, warmup_epochs=80,
+                   layerwise_decay=1.0)
+    c.data.name = 'imagenet2012'  # ImageNet-22k is not in tfds: point data.* at your copy
+  if variant == 'g/14':
+    c.sharding.strategy = 'fsdp'
+    c.model.remat_policy = 'full'
+
+
+def set_registers(c: ml_collections.ConfigDict, value: str) -> None:
+  registers = int(value)
+  if not 0 <= registers <= 64:
+    raise ValueError(f'registers={registers}; expected 0..64')
+  c.num_registers = registers
+  if c.variant == 'smoke':
+    c.model.num_registers = registers
+  else:
+    c.model.arch = arch_name(c.variant, registers)
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """A 4-block ViT on 32x32 crops of the embedded dataset: minutes on 2 CPU cores."""
+  c.variant = 'smoke'
+  c.model = ml_collections.ConfigDict(dict(
+      arch='vits14_reg', num_registers=c.num_registers, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+      img_size=32, drop_path_rate=0.1, layerscale_init=1.0, dtype='float32',
+      scan_blocks=False, remat_policy='none', attention_impl='auto'))
+  # Measured on the embedded data: LayerScale 1e-5 leaves a 300-step model's cls
+  # token nearly input-independent (the teacher then collapses to uniform), and
+  # K >> 2 x batch prototypes make the targets near-uniform; hence LayerScale 1,
+  # 256 prototypes and a larger lr than the sqrt rule gives at batch 32.
+  c.dino.update(head_n_prototypes=256, head_bottleneck_dim=64, head_hidden_dim=256,
+                koleo_group_size=32)
+  c.ibot.update(head_n_prototypes=256, head_bottleneck_dim=64, head_hidden_dim=256)
+  c.teacher.update(momentum_teacher=0.99, warmup_teacher_temp_epochs=2)
+  c.optim.update(epochs=6, epoch_length=50, warmup_epochs=1, base_lr=2e-3)
+  c.data = ml_collections.ConfigDict(dict(
+      source='embedded', split='train', eval_split='val', batch_size=32, num_workers=0,
+      shuffle=True, embedded=dict(image_size=48, num_train=1024, num_val=256, num_classes=6)))
+  c.augment.update(global_crops_size=32, local_crops_size=16, local_crops_number=4,
+                   eval_resize_size=36, eval_crop_size=32)
+  c.masking.patch_size = 8
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.sharding.strategy = 'dp'
+  c.train.update(log_every=25, checkpoint_every=100, eval_every=150,
+                 peak_flops_per_device=0.0)  # 0: measure this machine's matmul peak
+  c.eval.update(knn_ks=(10, 20), max_train_examples=0, max_eval_examples=0)
+
+
+PRESETS = {'smoke': apply_smoke}
+KEYS = {
+    'variant': set_variant,
+    'registers': set_registers,
+    'batch': 'data.batch_size',
+    'epochs': 'optim.epochs',
+    'strategy': 'sharding.strategy',
+    'centering': 'centering',
+    'data': lambda c, v: c.data.update(source='embedded') if v == 'embedded' else c.data.update(
+        source='tfds', name=v),
+}
+
+
+def get_config(arg: str | None = None, registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
+  c = base_config(registers)
+  config_args.apply_arg(c, arg, PRESETS, KEYS)
+  return c

@@ -1,0 +1,84 @@
+"""DINOv2 ViT-S/14 reg4 train step on this machine: images/s and MFU.
+
+The full recipe step (student on 2 global 224² + 8 local 98² crops, EMA
+teacher on the global crops, DINO + iBOT heads with 65536 prototypes, KoLeo,
+AdamW, EMA) at a small batch, float32, on the default device. MFU is XLA's
+cost-analysis FLOPs of the compiled step / step time / the measured matmul
+peak of this machine (``vitreg_jax.train.mfu.measure_matmul_peak``), all
+measured in the same run; the analytic model-FLOP count is printed beside it.
+
+  python experiments/benchmarks/train_step.py [--batch 8 --steps 5 --prototypes 65536]
+"""
+
+import argparse
+import importlib.util
+import os
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config(batch: int, prototypes: int):
+  spec = importlib.util.spec_from_file_location('dinov2_reg', os.path.join(REPO, 'configs', 'dinov2_reg.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('variant=S/14')
+  config.model.update(dtype='float32', scan_blocks=False, remat_policy='none', drop_path_rate=0.1)
+  config.data.batch_size = batch
+  config.dino.koleo_group_size = batch
+  config.dino.head_n_prototypes = config.ibot.head_n_prototypes = prototypes
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.sharding.strategy = 'dp'
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--prototypes', type=int, default=65536)
+  args = parser.parse_args()
+
+  import jax
+  from vitreg_jax.train import mfu, sharded as sharded_lib
+
+  config = load_config(args.batch, args.prototypes)
+  sharded = sharded_lib.from_config(config, devices=jax.devices()[:1])
+  state = sharded.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  abstract = sharded.recipe.abstract_batch(args.batch)
+  local = {k: (rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32
+               else rng.random(v.shape) < 0.25) for k, v in abstract.items()}
+  batch = sharded.global_batch(local, args.batch)
+  key = jax.random.key(0)
+
+  compiled = sharded.lower(args.batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get('flops', 0.0))
+  analytic = sharded.recipe.analytic_flops(args.batch)
+
+  state, metrics = sharded.train_step(state, batch, key)  # compile + warm up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = sharded.train_step(state, batch, key)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_time = float(np.median(times))
+  peak = mfu.measure_matmul_peak()
+  print(f'DINOv2 ViT-S/14 reg4, batch {args.batch} (2x224 + 8x98 crops), {args.prototypes} '
+        f'prototypes, float32, jax {jax.__version__} on {jax.default_backend()}')
+  print(f'step time (median of {args.steps}): {step_time:.2f} s  ->  {args.batch / step_time:.2f} img/s')
+  print(f'FLOPs/step: XLA cost analysis {xla_flops / 1e9:.1f} GFLOP, analytic model FLOPs '
+        f'{analytic / 1e9:.1f} GFLOP')
+  print(f'measured matmul peak: {peak / 1e9:.1f} GFLOP/s')
+  print(f'MFU (XLA FLOPs / step time / peak): {100 * xla_flops / step_time / peak:.1f}%   '
+        f'(analytic: {100 * analytic / step_time / peak:.1f}%)')
+
+
+if __name__ == '__main__':
+  main()

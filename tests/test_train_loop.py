@@ -1,0 +1,141 @@
+"""The training loop end to end on the DINOv2 smoke config (CPU, float32).
+
+Runs ``python -m vitreg_jax.main`` in subprocesses, as a user would, and
+checks what a pod user relies on: exact resume after SIGKILL, a clean
+checkpoint-and-exit on SIGTERM, no checkpoint of a NaN state, and that
+training actually learns (kNN over random init).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 24 steps of the smoke model; checkpoints every 6 steps; every step logged.
+SHORT = ['--config.optim.epochs=4', '--config.optim.epoch_length=6',
+         '--config.optim.warmup_epochs=1', '--config.teacher.warmup_teacher_temp_epochs=1',
+         '--config.train.log_every=1', '--config.train.checkpoint_every=6',
+         '--config.train.eval_every=1000', "--config.train.export_formats=('vitreg',)",
+         '--config.eval.max_train_examples=64', '--config.eval.max_eval_examples=64',
+         '--config.data.batch_size=16', '--config.dino.koleo_group_size=8']
+TOTAL_STEPS = 24
+
+
+def _command(workdir, extra=()):
+  return [sys.executable, '-m', 'vitreg_jax.main', '--config=configs/dinov2_reg.py:smoke',
+          f'--workdir={workdir}', *SHORT, *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ''  # one CPU device, as a laptop user has
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _run(workdir, extra=(), timeout=900):
+  return subprocess.run(_command(workdir, extra), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Per-step loss; a step logged twice (before a kill, after resume) keeps the later value."""
+  losses = {}
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    for line in f:
+      record = json.loads(line)
+      if 'loss' in record:
+        losses[record['step']] = record['loss']
+  return losses
+
+
+def _checkpoint_steps(workdir):
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def _start(workdir, extra=()):
+  return subprocess.Popen(_command(workdir, extra), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=600):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, 'metrics.jsonl')
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}')
+    if os.path.exists(path) and any(s >= step for s in _losses(workdir)):
+      return
+    time.sleep(0.2)
+  proc.kill()
+  raise AssertionError(f'step {step} not reached in {timeout}s')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  kill_at = int(np.random.default_rng().integers(8, TOTAL_STEPS - 2))  # after the step-6 checkpoint
+  proc = _start(workdir)
+  _wait_for_step(proc, workdir, kill_at)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert _checkpoint_steps(workdir), 'no checkpoint before the kill'
+  resumed = _run(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resuming from step' in resumed.stderr
+  expected, got = _losses(uninterrupted), _losses(workdir)
+  assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+  assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)], (
+      f'killed at step {kill_at}: losses differ after resume')
+  assert os.path.exists(os.path.join(workdir, 'export', 'vitreg', 'config.json'))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  proc = _start(workdir)
+  _wait_for_step(proc, workdir, 3)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  stopped_at = max(_losses(workdir))
+  assert stopped_at < TOTAL_STEPS
+  assert _checkpoint_steps(workdir)[-1] == stopped_at, 'SIGTERM must checkpoint the last step'
+  resumed = _run(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  expected, got = _losses(uninterrupted), _losses(workdir)
+  assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_before_saving(tmp_path):
+  workdir = str(tmp_path)
+  # An absurd learning rate drives the loss to inf/NaN within a few steps.
+  result = _run(workdir, ['--config.optim.base_lr=1e12', '--config.optim.warmup_epochs=0',
+                          '--config.optim.clip_grad=0.0'])
+  assert result.returncode != 0
+  assert 'NonFiniteLossError' in result.stderr and 'stopping without saving' in result.stderr
+  losses = _losses(workdir)
+  for step in _checkpoint_steps(workdir):
+    assert np.isfinite(losses[step]), f'checkpoint of a non-finite state at step {step}'
+
+
+def test_bad_config_key_fails_with_valid_choices(tmp_path):
+  result = _run(str(tmp_path), ['--config.optim.base_lrr=1.0'], timeout=120)
+  assert result.returncode != 0
+  assert 'base_lrr' in result.stderr

@@ -1,0 +1,76 @@
+"""Where metrics go: a JSONL file, TensorBoard event files, and a progress line.
+
+Only process 0 writes files (every process holds the same global metrics).
+TensorBoard events are written with tensorboardX, so no TensorFlow is needed.
+"""
+
+import json
+import math
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def _scalar(value) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Appends ``{'step': s, **metrics}`` lines to ``workdir/metrics.jsonl``."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:
+        logging.warning('tensorboardX is not installed: no TensorBoard events')
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self._active:
+      return
+    scalars = {k: _scalar(v) for k, v in metrics.items()}
+    record = {'step': int(step)}
+    record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, value, int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{secs:02d}s'
+
+
+def progress_line(step: int, total: int, metrics: dict, images_per_second: float,
+                  eta_seconds: float, mfu: float | None, skipped: int) -> str:
+  """``step 100/300 | loss 10.54 dino_global 1.09 ... | lr 4.3e-05 | 310 img/s | ETA 1m05s ...``."""
+  loss_terms = ' '.join(f'{k} {_scalar(v):.4g}' for k, v in metrics.items()
+                        if k == 'loss' or k in ('dino_global', 'dino_local', 'koleo', 'ibot'))
+  lr = metrics.get('lr', metrics.get('learning_rate'))
+  parts = [f'step {step}/{total}', loss_terms]
+  if lr is not None:
+    parts.append(f'lr {_scalar(lr):.3g}')
+  parts.append(f'{images_per_second:.1f} img/s')
+  parts.append(f'ETA {format_duration(eta_seconds)}')
+  if mfu is not None:
+    parts.append(f'MFU {100 * mfu:.1f}%')
+  parts.append(f'skipped images {skipped}')
+  return ' | '.join(parts)
