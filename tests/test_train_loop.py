@@ -89,8 +89,13 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(uninterrupted, tmp_path):
   workdir = str(tmp_path)
-  kill_at = int(np.random.default_rng().integers(8, TOTAL_STEPS - 2))  # after the step-6 checkpoint
   proc = _start(workdir)
+  deadline = time.time() + 600
+  while not _checkpoint_steps(workdir):  # a finished (async) checkpoint, then a random step
+    assert proc.poll() is None and time.time() < deadline, 'no checkpoint was written'
+    time.sleep(0.1)
+  kill_at = min(max(_losses(workdir)) + int(np.random.default_rng().integers(1, 6)),
+                TOTAL_STEPS - 1)
   _wait_for_step(proc, workdir, kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
