@@ -17,6 +17,7 @@ Failure behaviour a pod user relies on:
   state is checkpointed, so a resumed run repeats an uninterrupted one.
 """
 
+import importlib.util
 import os
 import signal
 import time
@@ -79,11 +80,12 @@ def _export(recipe, state, config, workdir: str) -> None:
     if fmt not in EXPORT_NAMES:
       raise ValueError(f'train.export_formats has {fmt!r}; valid: {sorted(EXPORT_NAMES)}')
     target = os.path.join(workdir, 'export', EXPORT_NAMES[fmt])
-    try:
-      convert.save(model, variables, f'{fmt}:{target}')
-      logging.info('exported the backbone as %s to %s', fmt, target)
-    except ImportError as e:  # torch-only formats without the [torch] extra
-      logging.warning('skipped the %s export: %s (pip install -e .[torch])', fmt, e)
+    if target.endswith('.pth') and importlib.util.find_spec('torch') is None:
+      logging.warning('skipped the %s export: .pth files need torch (pip install -e ".[torch]")',
+                      fmt)
+      continue
+    convert.save(model, variables, f'{fmt}:{target}')
+    logging.info('exported the backbone as %s to %s', fmt, target)
 
 
 def export(config, workdir: str) -> None:
