@@ -120,3 +120,16 @@ def test_cli_bad_mesh_fails_at_start_up_naming_numbers():
 def test_plan_refuses_wrong_device_count():
   with pytest.raises(ValueError, match='planning for 64 devices but this process has 8'):
     planner.plan_config(plan_config(), 64, hbm_gib=16)
+
+
+def test_cli_plans_the_dinov2_recipe():
+  """The README's DINOv2 plan command: the recipe reads its batch from data.batch_size."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vitreg_jax.main', '--mode=plan', '--plan.devices=8',
+       f'--config={REPO / "configs" / "dinov2_reg.py"}:smoke',
+       '--config.ibot.group_size=4', '--config.dino.koleo_group_size=4'],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'global batch 32 (4 per device)' in result.stdout
+  assert 'teacher' in result.stdout

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vitreg_jax.train import recipes
 from vitreg_jax.train.sharded import ShardedRecipe
 
 GIB = 1024 ** 3
@@ -169,7 +170,7 @@ def plan_config(config, num_devices: int, hbm_gib: float) -> Plan:
     notes.append('scanned blocks: XLA cost analysis counts the loop body once, so its FLOPs '
                  'are about 1/depth of the real ones; the analytic count is the full step')
   sharded = sharded_lib.from_config(config)
-  result = plan(sharded, int(config.input.global_batch_size), hbm_gib,
+  result = plan(sharded, recipes.global_batch_size(config), hbm_gib,
                 strategy=config.sharding.strategy)
   result.notes[:0] = notes
   return result

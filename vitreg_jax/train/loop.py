@@ -29,7 +29,7 @@ import numpy as np
 
 from vitreg_jax import checkpoint
 from vitreg_jax.data import pipeline
-from vitreg_jax.train import evaluate, metrics_log, mfu, sharded as sharded_lib
+from vitreg_jax.train import evaluate, metrics_log, mfu, recipes, sharded as sharded_lib
 
 
 # Where each format goes under workdir/export (folders for vitreg and hf).
@@ -120,7 +120,7 @@ def run(config, workdir: str) -> dict:
   """Trains ``config`` in ``workdir``; returns the last logged metrics."""
   sharded = sharded_lib.from_config(config)
   recipe = sharded.recipe
-  global_batch = int(config.data.batch_size)
+  global_batch = recipes.global_batch_size(config)
   sharded.batch_layout(global_batch)  # fails early, naming the numbers, if it does not divide
   total_steps = int(recipe.total_steps)
   train_cfg = config.train

@@ -54,6 +54,15 @@ class Recipe(Protocol):
   def analytic_flops(self, global_batch_size: int) -> float: ...
 
 
+def global_batch_size(config: Any) -> int:
+  """The global batch: ``data.batch_size`` (pipeline recipes) or ``input.global_batch_size``."""
+  if 'data' in config and 'batch_size' in config.data:
+    return int(config.data.batch_size)
+  if 'input' in config and 'global_batch_size' in config.input:
+    return int(config.input.global_batch_size)
+  raise ValueError('config sets no global batch: expected data.batch_size or input.global_batch_size')
+
+
 def get_recipe(config: Any) -> Recipe:
   """The recipe named by ``config.trainer``, built from ``config``."""
   name = config.get('trainer') if hasattr(config, 'get') else getattr(config, 'trainer', None)
