@@ -7,8 +7,13 @@
   --config=configs/dinov2_reg.py:variant=g/14,registers=8
   --config=configs/dinov2_reg.py:smoke                 tiny model, embedded dataset, CPU minutes
 
-Keys: variant (S/14 B/14 L/16 L/14 g/14), registers, batch (global), epochs,
-strategy (dp | fsdp | fsdp_tp), centering, data (embedded | a tfds name).
+Keys: variant (S/14 B/14 L/16 L/14 g/14), registers, batch (global), group,
+epochs, strategy (dp | fsdp | fsdp_tp), centering, data (embedded | a tfds name).
+
+The backbone is built at the global crop size (224 -> a 16x16 pos_embed), as
+the reference trains it; local crops resample it. ``group_size`` is the
+reference's per-GPU batch: KoLeo, the iBOT mask budget and DINOv2's subset
+drop path work within groups of that many images, whatever the device count.
 Any field can also be set with ``--config.path.to.field=value``.
 Facts: shared/REFERENCE.md §3 and dinov2/configs/{ssl_default_config,train/*}.yaml.
 """
@@ -19,8 +24,10 @@ from vitreg_jax import config_args
 
 NUM_REGISTERS = 4
 VARIANTS = ('S/14', 'B/14', 'L/16', 'L/14', 'g/14')
-# Reference batch per GPU, used for KoLeo groups (the reference computes KoLeo per GPU).
+# Reference batch per GPU: the groups of KoLeo, the iBOT budget and subset drop path.
 PER_GPU_BATCH = {'S/14': 64, 'B/14': 64, 'L/16': 64, 'L/14': 32, 'g/14': 12}
+# The reference ViT-g/14 run: 12 images x 256 GPUs (lr 2e-4 * sqrt(3072 / 1024)).
+GLOBAL_BATCH = {'g/14': 3072}
 
 
 def arch_name(variant: str, registers: int) -> str:
@@ -36,16 +43,18 @@ def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   c.seed = 0
   c.variant = 'L/16'
   c.num_registers = registers
+  c.group_size = PER_GPU_BATCH['L/16']
 
   c.model = ml_collections.ConfigDict(dict(
-      arch=arch_name('L/16', registers), drop_path_rate=0.3, layerscale_init=1e-5,
+      arch=arch_name('L/16', registers), drop_path_rate=0.3, drop_path_mode='auto',
+      layerscale_init=1e-5,
       dtype='bfloat16', scan_blocks=True, remat_policy='dots_no_batch', attention_impl='auto'))
   c.centering = 'centering'  # or 'sinkhorn_knopp'
   c.dino = ml_collections.ConfigDict(dict(
-      loss_weight=1.0, koleo_loss_weight=0.1, koleo_group_size=64, student_temp=0.1,
+      loss_weight=1.0, koleo_loss_weight=0.1, student_temp=0.1,
       head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3, head_hidden_dim=2048))
   c.ibot = ml_collections.ConfigDict(dict(
-      loss_weight=1.0, separate_head=False, group_size=0,  # 0: the per-process batch
+      loss_weight=1.0, separate_head=False,
       head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3, head_hidden_dim=2048))
   c.teacher = ml_collections.ConfigDict(dict(
       momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
@@ -90,7 +99,8 @@ def set_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   patch = int(variant.split('/')[1])
   c.model.arch = arch_name(variant, c.num_registers)
   c.masking.patch_size = patch
-  c.dino.koleo_group_size = PER_GPU_BATCH[variant]
+  c.group_size = PER_GPU_BATCH[variant]
+  c.data.batch_size = GLOBAL_BATCH.get(variant, 1024)
   c.augment.local_crops_size = 98 if patch == 14 else 96
   if variant in ('L/14', 'g/14'):  # the ImageNet-22k recipe: train/vitl14.yaml, vitg14.yaml
     c.model.ffn = 'swiglu'
@@ -125,14 +135,14 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.variant = 'smoke'
   c.model = ml_collections.ConfigDict(dict(
       arch='vits14_reg', num_registers=c.num_registers, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-      img_size=32, drop_path_rate=0.1, layerscale_init=1.0, dtype='float32',
+      drop_path_rate=0.1, drop_path_mode='auto', layerscale_init=1.0, dtype='float32',
       scan_blocks=False, remat_policy='none', attention_impl='auto'))
   # Measured on the embedded data: LayerScale 1e-5 leaves a 300-step model's cls
   # token nearly input-independent (the teacher then collapses to uniform), and
   # K >> 2 x batch prototypes make the targets near-uniform; hence LayerScale 1,
   # 256 prototypes and a larger lr than the sqrt rule gives at batch 32.
-  c.dino.update(head_n_prototypes=256, head_bottleneck_dim=64, head_hidden_dim=256,
-                koleo_group_size=32)
+  c.group_size = 32
+  c.dino.update(head_n_prototypes=256, head_bottleneck_dim=64, head_hidden_dim=256)
   c.ibot.update(head_n_prototypes=256, head_bottleneck_dim=64, head_hidden_dim=256)
   c.teacher.update(momentum_teacher=0.99, warmup_teacher_temp_epochs=2)
   c.optim.update(epochs=6, epoch_length=50, warmup_epochs=1, base_lr=2e-3)
@@ -154,6 +164,7 @@ KEYS = {
     'variant': set_variant,
     'registers': set_registers,
     'batch': 'data.batch_size',
+    'group': 'group_size',
     'epochs': 'optim.epochs',
     'strategy': 'sharding.strategy',
     'centering': 'centering',
@@ -164,5 +175,8 @@ KEYS = {
 
 def get_config(arg: str | None = None, registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   c = base_config(registers)
-  config_args.apply_arg(c, arg, PRESETS, KEYS)
+  # variant sets the preset's batch, group, lr ...: apply it before keys that refine them
+  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
+  tokens.sort(key=lambda t: not t.startswith('variant='))
+  config_args.apply_arg(c, ','.join(tokens), PRESETS, KEYS)
   return c

@@ -181,3 +181,37 @@ def test_round_trip_hf_timm_hf_is_exact(config, tmp_path):
   for size in ct.SIZES:
     x = ct.images(*size, batch=1)
     assert np.array_equal(ct.torch_tokens(back, x), ct.torch_tokens(ref, x)), size
+
+
+def test_training_size_export_carries_its_grid_and_loads_everywhere(tmp_path):
+  """DINOv2 trains at the global crop size (224 / 14 -> a 16x16 pos_embed, REFERENCE §3).
+
+  The exports keep that grid: timm built at 224, HF with image_size 224 and the
+  hub layout with pos_embed [1, 257, D] load them strictly, give our features at
+  224 (no resampling) and resample identically at other sizes (518 upsamples).
+  """
+  model = our_model('reg4', antialias=True, img_size=224)
+  variables = ct.random_variables(model, seed=12)
+  assert variables['params']['pos_embed'].shape == (1, 1 + 16 * 16, ct.WIDTH)
+  sizes = ((224, 224), (224, 308), (518, 518))
+
+  convert.save(model, variables, f'timm:{tmp_path}/model.safetensors')
+  ref = ct.timm_model('reg4', seed=98, img_size=224)
+  ref.load_state_dict(load_file(tmp_path / 'model.safetensors'), strict=True)
+  assert ref.pos_embed.shape == (1, 256, ct.WIDTH)
+  assert_parity(model, variables, ref, sizes)
+
+  convert.save(model, variables, f'hf:{tmp_path}/hf_model')
+  hf, info = Dinov2WithRegistersModel.from_pretrained(tmp_path / 'hf_model',
+                                                      output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys'))
+  assert hf.config.image_size == 224
+  assert_parity(model, variables, hf.eval(), sizes)
+
+  convert.save(model, variables, f'dinov2:{tmp_path}/hub.pth')
+  hub = torch.load(tmp_path / 'hub.pth', weights_only=True)
+  assert tuple(hub['pos_embed'].shape) == (1, 257, ct.WIDTH)
+  assert_same_state(hub, ct.hf_to_hub_reference(hf.state_dict(), ct.DEPTH))
+  again, got = convert.load(f'dinov2:{tmp_path}/hub.pth')
+  assert again.img_size == 224
+  jax.tree.map(np.testing.assert_array_equal, got, variables)

@@ -1,5 +1,7 @@
 """DINO head against the official DINOv2 DINOHead outputs (test vectors)."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 
 from vitreg_jax.models.heads import DINOHead
 
-VECTORS = '/work/shared/testvectors/dinov2_losses.npz'
+VECTORS = pathlib.Path(__file__).parent / 'testdata' / 'dinov2_losses.npz'
 
 
 def _reference_head_params(v):

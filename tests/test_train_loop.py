@@ -23,7 +23,7 @@ SHORT = ['--config.optim.epochs=4', '--config.optim.epoch_length=6',
          '--config.train.log_every=1', '--config.train.checkpoint_every=6',
          '--config.train.eval_every=1000', "--config.train.export_formats=('vitreg',)",
          '--config.eval.max_train_examples=64', '--config.eval.max_eval_examples=64',
-         '--config.data.batch_size=16', '--config.dino.koleo_group_size=8']
+         '--config.data.batch_size=16', '--config.group_size=8']
 TOTAL_STEPS = 24
 
 

@@ -27,7 +27,7 @@ def load_config(batch: int, prototypes: int):
   config = module.get_config('variant=S/14')
   config.model.update(dtype='float32', scan_blocks=False, remat_policy='none', drop_path_rate=0.1)
   config.data.batch_size = batch
-  config.dino.koleo_group_size = batch
+  config.group_size = batch
   config.dino.head_n_prototypes = config.ibot.head_n_prototypes = prototypes
   config.mesh.update(data=1, fsdp=1, tensor=1)
   config.sharding.strategy = 'dp'

@@ -8,9 +8,11 @@ uniform in [min_num_patches, remaining] and log-uniform aspect ratio in
 [0.3, 1/0.3], and is kept only if it adds between 1 and ``remaining`` new
 patches; growth stops at the target or after ten failed tries.
 
-:class:`IbotMasks` runs on a *batch* (a grain ``random_map`` after batching), so
-the stratification over ratios holds within every per-process batch, like the
-upstream collate function does per GPU.
+:class:`IbotMasks` runs on a *batch* (a grain ``random_map`` after batching) and
+stratifies the ratios within every group of ``group_size`` consecutive images,
+like the upstream collate function does per GPU. The train step's fixed
+masked-patch budget is computed for the same groups
+(``losses.ibot.mask_budget``), so no masked patch is ever dropped.
 """
 
 import math
@@ -76,7 +78,7 @@ class IbotMasks(grain.transforms.RandomMap):
   """Adds ``masks`` bool [B, n_global, h, w] to a multi-crop batch (h = w = crop // patch)."""
 
   def __init__(self, *, crop_size, patch_size, mask_probability=0.5, ratio_min_max=(0.1, 0.5),
-               min_num_patches=4, max_ratio_per_block=0.5, min_aspect=0.3):
+               min_num_patches=4, max_ratio_per_block=0.5, min_aspect=0.3, group_size=None):
     if crop_size % patch_size:
       raise ValueError(f'global crop size {crop_size} is not a multiple of masking.patch_size {patch_size}')
     if not 0 <= ratio_min_max[0] <= ratio_min_max[1] <= 1:
@@ -90,10 +92,17 @@ class IbotMasks(grain.transforms.RandomMap):
                                         max_num_patches=max_block, min_aspect=min_aspect)
     self.mask_probability = mask_probability
     self.ratio_min_max = tuple(ratio_min_max)
+    self.group_size = group_size  # images per stratification group; None: the whole batch
 
   def random_map(self, batch, rng: np.random.Generator):
     batch_size, num_global = batch['global_crops'].shape[:2]
-    masks = stratified_masks(rng, self.generator, batch_size * num_global,
-                             mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max)
+    group = self.group_size or batch_size
+    if batch_size % group:
+      raise ValueError(f'the per-process batch ({batch_size} images) is not a multiple of '
+                       f'group_size={group}: iBOT masks are stratified within groups')
+    masks = np.concatenate([
+        stratified_masks(rng, self.generator, group * num_global,
+                         mask_probability=self.mask_probability, ratio_min_max=self.ratio_min_max)
+        for _ in range(batch_size // group)])
     batch['masks'] = masks.reshape(batch_size, num_global, self.generator.height, self.generator.width)
     return batch

@@ -10,7 +10,10 @@ equals the reference's mean over GPUs.
 Kept finite with duplicate rows: like torch's ``PairwiseDistance(eps=1e-8)``
 the eps is added to the difference before the norm (duplicates get distance
 ``sqrt(D) * eps``), and both square roots are guarded so gradients never see
-``sqrt(0)``.
+``sqrt(0)``. Under ``jit`` XLA fuses the normalisation into the subtraction and
+a duplicate's difference comes out ~1e-8 instead of exactly 0, which moves the
+loss by ~1e-3 relative; so duplicates are found on the raw rows and their
+difference is set to exactly 0 (its gradient is kept: it is the reference's).
 """
 
 import jax
@@ -51,11 +54,16 @@ def koleo_loss(x, group_size: int | None = None, eps: float = EPS):
     raise ValueError(
         f'koleo group_size={group_size} must be >= 2 and divide the batch {batch} '
         '(a row needs a neighbour inside its group)')
-  x = _l2_normalize(x.astype(jnp.float32), eps).reshape(n_crops, batch // g, g, dim)
+  raw = x.astype(jnp.float32).reshape(n_crops, batch // g, g, dim)
+  x = _l2_normalize(raw, eps)
   dots = jnp.einsum('cngd,cnhd->cngh', x, x, precision=jax.lax.Precision.HIGHEST)
   dots = jnp.where(jnp.eye(g, dtype=bool), -1.0, dots)  # the reference's diagonal fill
   neighbour = jax.lax.stop_gradient(jnp.argmax(dots, axis=-1))
-  x_nn = jnp.take_along_axis(x, neighbour[..., None], axis=2)
-  distances = _safe_norm(x - x_nn + eps)
+  pick = lambda a: jnp.take_along_axis(a, neighbour[..., None], axis=2)
+  difference = x - pick(x)
+  duplicate = jax.lax.stop_gradient(jnp.all(raw == pick(raw), axis=-1, keepdims=True))
+  # exactly 0 in value for duplicates, the same gradient as the plain difference
+  difference = jnp.where(duplicate, difference - jax.lax.stop_gradient(difference), difference)
+  distances = _safe_norm(difference + eps)
   per_group = -jnp.mean(jnp.log(distances + eps), axis=-1)  # [n_crops, n_groups]
   return jnp.sum(jnp.mean(per_group, axis=-1))

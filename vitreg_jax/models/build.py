@@ -15,9 +15,13 @@ def dtype_from_name(name: str):
   return DTYPES[name]
 
 
-def backbone_from_config(model_config: Mapping[str, Any]) -> VisionTransformer:
-  """``get_arch(arch, **overrides)`` with ``dtype`` given by name."""
-  overrides = dict(model_config)
+def backbone_from_config(model_config: Mapping[str, Any], **defaults) -> VisionTransformer:
+  """``get_arch(arch, **overrides)`` with ``dtype`` given by name.
+
+  ``defaults`` (a recipe's choices, e.g. ``img_size`` = its training crop) apply
+  unless ``model_config`` sets the same field.
+  """
+  overrides = {**defaults, **dict(model_config)}
   if 'arch' not in overrides:
     raise ValueError("config.model needs 'arch', e.g. 'vits14_reg'")
   arch = overrides.pop('arch')

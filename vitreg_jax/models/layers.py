@@ -128,8 +128,24 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
+DROP_PATH_MODES = ('sample', 'subset', 'auto')
+
+
+def resolve_drop_path_mode(mode: str, rate: float) -> str:
+  """``auto`` is DINOv2's rule: the exact-size subset above a rate of 0.1, per-sample below."""
+  if mode not in DROP_PATH_MODES:
+    raise ValueError(f'drop_path_mode={mode!r}; valid: {DROP_PATH_MODES}')
+  if mode == 'auto':
+    return 'subset' if rate > 0.1 else 'sample'
+  return mode
+
+
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per sample."""
+  """Stochastic depth, per sample: drops the whole residual branch with probability ``rate``.
+
+  timm's formulation (Bernoulli per sample, survivors scaled by ``1 / (1 - rate)``):
+  the right scale in expectation only, and the branch runs on every sample.
+  """
   rate: float
 
   @nn.compact
@@ -141,13 +157,51 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def subset_size(rows: int, rate: float) -> int:
+  """Rows that keep their branch in DINOv2's subset drop path: ``max(int(b (1 - p)), 1)``."""
+  return max(int(rows * (1.0 - rate)), 1)
+
+
+def add_residual_on_subset(x, branch: Callable, rate: float, groups: int, rng):
+  """``x + branch(x)`` with the branch run on an exact random subset of rows, per group.
+
+  DINOv2's ``drop_add_residual_stochastic_depth``: in each group of ``g`` rows
+  (the reference's per-GPU batch of one crop size) a random subset of
+  ``max(int(g (1 - rate)), 1)`` rows gets the branch, scaled by ``g / subset``;
+  the others skip it. The branch costs only the subset's FLOPs. Groups are
+  consecutive rows, so with groups aligned to the batch shards nothing moves
+  between devices.
+  """
+  rows = x.shape[0]
+  if groups < 1 or rows % groups:
+    raise ValueError(f'subset drop path: {rows} rows do not split into {groups} groups')
+  g = rows // groups
+  keep = subset_size(g, rate)
+  keys = jax.random.split(rng, groups)
+  chosen = jax.vmap(lambda k: jax.random.permutation(k, g)[:keep])(keys)  # [groups, keep]
+  grouped = x.reshape((groups, g) + x.shape[1:])
+  gather = chosen.reshape((groups, keep) + (1,) * (x.ndim - 1))
+  subset = jnp.take_along_axis(grouped, gather, axis=1)
+  residual = branch(subset.reshape((groups * keep,) + x.shape[1:]))
+  residual = residual.reshape((groups, keep) + x.shape[1:]) * jnp.asarray(g / keep, x.dtype)
+  out = grouped.at[jnp.arange(groups)[:, None], chosen].add(residual.astype(x.dtype))
+  return out.reshape(x.shape)
+
+
 class Block(nn.Module):
-  """Pre-norm block: ``x + ls1(attn(norm1(x)))``, ``x + ls2(ffn(norm2(x)))``."""
+  """Pre-norm block: ``x + ls1(attn(norm1(x)))``, ``x + ls2(ffn(norm2(x)))``.
+
+  In training, ``drop_path_rate`` drops residual branches: per sample
+  (``drop_path_mode='sample'``) or DINOv2's exact subset per group of
+  ``rows / drop_path_groups`` rows (``'subset'``; ``'auto'`` picks as DINOv2 does).
+  """
   num_heads: int
   mlp_hidden_dim: int
   ffn: str = 'mlp'
   layerscale_init: float | None = 1e-5
   drop_path_rate: float = 0.0
+  drop_path_mode: str = 'sample'
+  drop_path_groups: int = 1
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
@@ -155,15 +209,31 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True, return_probs: bool = False):
     x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
-    y, probs = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(
-        layer_norm(self.norm_eps, self.dtype, 'norm1')(x), return_probs)
+    attn = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')
+    norm1 = layer_norm(self.norm_eps, self.dtype, 'norm1')
+    ffn = {'mlp': Mlp, 'swiglu': SwiGLU}[self.ffn](self.mlp_hidden_dim, self.dtype, name='mlp')
+    norm2 = layer_norm(self.norm_eps, self.dtype, 'norm2')
+    scale1 = scale2 = lambda y: y
     if self.layerscale_init is not None:
-      y = LayerScale(self.layerscale_init, name='ls1')(y)
-    x = x + DropPath(self.drop_path_rate)(y, deterministic)
-    ffn_cls = {'mlp': Mlp, 'swiglu': SwiGLU}[self.ffn]
-    y = ffn_cls(self.mlp_hidden_dim, self.dtype, name='mlp')(
-        layer_norm(self.norm_eps, self.dtype, 'norm2')(x))
-    if self.layerscale_init is not None:
-      y = LayerScale(self.layerscale_init, name='ls2')(y)
-    x = x + DropPath(self.drop_path_rate)(y, deterministic)
+      scale1 = LayerScale(self.layerscale_init, name='ls1')
+      scale2 = LayerScale(self.layerscale_init, name='ls2')
+    probs = None
+
+    def attn_branch(y):
+      nonlocal probs
+      out, probs = attn(norm1(y), return_probs)
+      return scale1(out)
+
+    ffn_branch = lambda y: scale2(ffn(norm2(y)))
+    mode = resolve_drop_path_mode(self.drop_path_mode, self.drop_path_rate)
+    if not deterministic and self.drop_path_rate > 0.0 and mode == 'subset':
+      if return_probs:
+        raise ValueError('attention maps of a training pass with subset drop path would cover '
+                         'only the subset: ask for them with train=False')
+      for branch in (attn_branch, ffn_branch):
+        x = add_residual_on_subset(x, branch, self.drop_path_rate, self.drop_path_groups,
+                                   self.make_rng('dropout'))
+      return x, probs
+    x = x + DropPath(self.drop_path_rate)(attn_branch(x), deterministic)
+    x = x + DropPath(self.drop_path_rate)(ffn_branch(x), deterministic)
     return x, probs

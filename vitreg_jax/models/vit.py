@@ -29,12 +29,23 @@ REMAT_POLICIES = {
 }
 
 
+# PyTorch's default Conv2d init, which DINOv2 keeps for the patch embedding (only
+# Linear layers are re-initialised): kaiming_uniform(a=sqrt(5)) on the weight is
+# U(+-1/sqrt(fan_in)), and the bias is U(+-1/sqrt(fan_in)) too; fan_in = 3 p^2.
+TORCH_CONV_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_conv_bias_init(fan_in: int):
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class PatchProjection(nn.Module):
   """Non-overlapping patch projection (a conv with kernel = stride = patch).
 
   Kept in the conv's HWIO layout ``[p, p, 3, D]`` but computed as a patchify
   reshape + one matmul, which is the same arithmetic and faster than a strided
-  conv on CPU and TPU.
+  conv on CPU and TPU. Initialised as torch's ``Conv2d`` (REFERENCE §1).
   """
   patch_size: int
   embed_dim: int
@@ -49,9 +60,9 @@ class PatchProjection(nn.Module):
           f'image size {h}x{w} is not a multiple of the patch size {p}; '
           f'resize or pad to e.g. {h // p * p}x{w // p * p}')
     kernel = self.param(
-        'kernel', layers.logical(nn.initializers.lecun_normal(), None, None, None, 'embed'),
+        'kernel', layers.logical(TORCH_CONV_KERNEL_INIT, None, None, None, 'embed'),
         (p, p, c, self.embed_dim), jnp.float32)
-    bias = self.param('bias', layers.logical(nn.initializers.zeros, 'embed'),
+    bias = self.param('bias', layers.logical(torch_conv_bias_init(p * p * c), 'embed'),
                       (self.embed_dim,), jnp.float32)
     patches = images.reshape(b, h // p, p, w // p, p, c).astype(self.dtype)
     out = jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel.astype(self.dtype))
@@ -91,6 +102,8 @@ class VisionTransformer(nn.Module):
   class_token: bool = True
   layerscale_init: float | None = 1e-5
   drop_path_rate: float = 0.0
+  drop_path_mode: str = 'sample'  # 'sample' | 'subset' (DINOv2's) | 'auto'; see layers.Block
+  drop_path_groups: int = 1  # subset mode: row groups (the reference's per-GPU batches)
   img_size: int = 518  # the grid pos_embed was learned on: img_size // patch_size
   interpolate_antialias: bool = True
   interpolate_offset: float = 0.0
@@ -117,6 +130,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'num_registers={self.num_registers}; expected 0..64')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}')
+    layers.resolve_drop_path_mode(self.drop_path_mode, self.drop_path_rate)
 
   def _tokens(self, images, masks):
     """Patch embed, iBOT mask tokens, cls + pos_embed, then registers."""
@@ -154,6 +168,7 @@ class VisionTransformer(nn.Module):
   def _block_kwargs(self):
     return dict(num_heads=self.num_heads, mlp_hidden_dim=self.mlp_hidden_dim, ffn=self.ffn,
                 layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,
+                drop_path_mode=self.drop_path_mode, drop_path_groups=self.drop_path_groups,
                 norm_eps=self.norm_eps, dtype=self.dtype, attention_impl=self.attention_impl)
 
   def _blocks(self, x, deterministic, return_layers, return_attention):

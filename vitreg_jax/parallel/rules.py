@@ -152,6 +152,20 @@ def logical_sharding(names: Sequence[str | None], shape: Sequence[int], rules: R
   return NamedSharding(mesh, partition_spec(names, shape, rules, mesh))
 
 
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins ``x``'s sharding by logical ``names`` under the active rules (``activate``).
+
+  Like ``nn.with_logical_constraint``, but a mesh axis that does not divide its
+  dimension is dropped (see ``partition_spec``) instead of making XLA pad.
+  Outside ``activate`` (no mesh) it returns ``x`` unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  return jax.lax.with_sharding_constraint(x, partition_spec(names, x.shape, rules, mesh))
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Makes flax's logical constraints live; usable inside a jit trace.

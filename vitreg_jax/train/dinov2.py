@@ -15,9 +15,23 @@ One step, as the reference ``ssl_meta_arch`` does it, on global arrays:
 Batch (per image, crops grouped by size): ``global_crops [B, 2, G, G, 3]``,
 ``local_crops [B, n, L, L, 3]``, ``masks [B, 2, G/p, G/p]`` bool.
 
-Config keys read: ``model.*``, ``dino.*``, ``ibot.*``, ``teacher.*``,
-``optim.*``, ``centering``, and the data pipeline's ``augment.*`` crop sizes,
-``masking.*`` and ``data.batch_size`` (see ``configs/dinov2_reg.py``).
+Sharding: the batch axis ``B`` is sharded over the mesh. Crops are merged
+batch-major (``[B, C] -> [B * C]``, an image's crops stay on its device) and
+split back the same way, head logits are pinned to ``('batch', ...,
+'prototypes')``, and centres and Sinkhorn-Knopp sums are reductions over the
+sharded axes, so no step gathers the global batch of activations or logits.
+
+Groups: KoLeo, the iBOT masked-patch budget (and the mask-ratio
+stratification in the data pipeline that guarantees it) and DINOv2's subset
+drop path work within groups of ``group_size`` consecutive images, as the
+reference computes them per GPU (its per-GPU batch: 64, 32 for ViT-L/14, 12
+for ViT-g/14). The group is a config constant, so the program does not depend
+on how many processes or devices run it.
+
+Config keys read: ``model.*``, ``group_size``, ``dino.*``, ``ibot.*``,
+``teacher.*``, ``optim.*``, ``centering``, and the data pipeline's
+``augment.*`` crop sizes, ``masking.*`` and ``data.batch_size`` (see
+``configs/dinov2_reg.py``).
 """
 
 from typing import Any
@@ -28,20 +42,31 @@ import optax
 
 from vitreg_jax.analysis import norms
 from vitreg_jax.losses import centering, dino, ibot, koleo
+from vitreg_jax.models import layers
 from vitreg_jax.models.heads import DINOHead
 from vitreg_jax.models.build import backbone_from_config, dtype_from_name
+from vitreg_jax.parallel import rules as rules_lib
 from vitreg_jax.train import flops, optim, schedules
 from vitreg_jax.train.state import TrainState, unbox
 
 
-def _crop_major(x):
-  """``[B, C, ...] -> [C, B, ...]``: the losses index crops first."""
-  return jnp.swapaxes(x, 0, 1)
-
-
 def _merge(x):
-  """``[C, B, ...] -> [C * B, ...]`` for one backbone pass over all crops."""
+  """``[B, C, ...] -> [B * C, ...]``, batch-major: one backbone pass over all crops.
+
+  Row ``b * C + c`` is crop ``c`` of image ``b``, so a device's shard of the
+  merged rows is exactly its images' crops (crop-major merging would
+  interleave the batch shards and make XLA move activations between devices).
+  """
   return x.reshape((-1,) + x.shape[2:])
+
+
+def _split(x, n_crops: int):
+  """``[B * C, ...] -> [C, B, ...]``, the crop-first layout the losses take."""
+  return jnp.swapaxes(x.reshape((-1, n_crops) + x.shape[1:]), 0, 1)
+
+
+CROP_LOGITS = (None, 'batch', 'prototypes')   # [crops, B, K]
+SLOT_LOGITS = ('batch', None, 'prototypes')   # [groups, slots, K]
 
 
 def _mean_entropy(probs):
@@ -62,10 +87,21 @@ class DinoV2Recipe:
       'local_crops': ('batch', None, None, None, None),
       'masks': ('batch', None, None, None),
   }
+  # Metrics that must stay exactly zero: the data pipeline stratifies mask
+  # ratios within the groups the iBOT budget is computed for.
+  zero_metrics = ('ibot_dropped_patches',)
 
-  def __init__(self, config, process_count: int | None = None):
+  def __init__(self, config):
     self.config = config
-    self.backbone = backbone_from_config(config.model)
+    crops = config.augment
+    self.global_size = int(crops.global_crops_size)
+    self.local_size = int(crops.local_crops_size)
+    self.n_local = int(crops.local_crops_number)
+    self.global_batch = int(config.data.batch_size)
+    self.group = group_size(config)
+    self.backbone = backbone_from_config(
+        config.model, img_size=self.global_size,
+        drop_path_groups=self.global_batch // self.group)
     dtype = dtype_from_name(config.model.get('dtype', 'float32'))
     self.dino_head = DINOHead(
         out_dim=config.dino.head_n_prototypes, hidden_dim=config.dino.head_hidden_dim,
@@ -78,10 +114,6 @@ class DinoV2Recipe:
         dtype=dtype) if self.separate_ibot_head else self.dino_head
     if config.centering not in centering.CENTERING_MODES:
       raise ValueError(f'config.centering={config.centering!r}; valid: {centering.CENTERING_MODES}')
-    crops = config.augment
-    self.global_size = int(crops.global_crops_size)
-    self.local_size = int(crops.local_crops_size)
-    self.n_local = int(crops.local_crops_number)
     p = self.backbone.patch_size
     if self.global_size % p or self.local_size % p:
       raise ValueError(f'crop sizes {self.global_size}/{self.local_size} must be multiples of '
@@ -89,16 +121,8 @@ class DinoV2Recipe:
     if config.masking.patch_size != p:
       raise ValueError(f'masking.patch_size={config.masking.patch_size} != model patch size {p}')
     self.grid = self.global_size // p
-    self.global_batch = int(config.data.batch_size)
-    processes = jax.process_count() if process_count is None else process_count
-    self.ibot_group = int(config.ibot.get('group_size') or self.global_batch // processes)
-    self.koleo_group = int(config.dino.koleo_group_size or self.global_batch)
-    for name, group in (('ibot.group_size', self.ibot_group),
-                        ('dino.koleo_group_size', self.koleo_group)):
-      if group <= 0 or self.global_batch % group:
-        raise ValueError(f'{name}={group} must divide the global batch {self.global_batch}')
     self.ibot_budget = ibot.mask_budget(
-        2 * self.ibot_group, self.grid * self.grid, tuple(config.masking.ratio_min_max),
+        2 * self.group, self.grid * self.grid, tuple(config.masking.ratio_min_max),
         config.masking.mask_probability)
     o = config.optim
     lr = o.base_lr
@@ -154,13 +178,12 @@ class DinoV2Recipe:
 
   def _teacher_targets(self, teacher, global_crops, selection, extras, temperature):
     """Teacher logits -> target distributions for DINO (cls) and iBOT (patches)."""
-    n_images = global_crops.shape[1]
     out = self.backbone.apply({'params': teacher['backbone']}, _merge(global_crops))
     cls_logits = self.dino_head.apply({'params': teacher['dino_head']}, out['cls'])
-    cls_logits = cls_logits.reshape(2, n_images, -1)
-    patches = out['patches'].reshape((2, n_images) + out['patches'].shape[1:])
-    masked = ibot.gather_patches(patches, selection, self.ibot_group)
+    cls_logits = rules_lib.constrain(_split(cls_logits, 2), CROP_LOGITS)
+    masked = ibot.gather_patches(_split(out['patches'], 2), selection, self.group)
     patch_logits = self.ibot_head.apply({'params': self._ibot_head_params(teacher)}, masked)
+    patch_logits = rules_lib.constrain(patch_logits, SLOT_LOGITS)
     mode = self.config.centering
     dino_probs = centering.teacher_probs(cls_logits, temperature, mode, extras['center_dino'])
     ibot_probs = centering.teacher_probs(patch_logits, temperature, mode, extras['center_ibot'],
@@ -170,23 +193,24 @@ class DinoV2Recipe:
   def _student_loss(self, params, global_crops, local_crops, masks, selection, targets, rng):
     _, _, dino_probs, ibot_probs, _ = targets
     cfg = self.config
-    n_images = global_crops.shape[1]
+    n_images = global_crops.shape[0]
     k_global, k_local = jax.random.split(rng)
     out = self.backbone.apply({'params': params['backbone']}, _merge(global_crops),
                               masks=_merge(masks), train=True, rngs={'dropout': k_global})
     dino_apply = lambda x: self.dino_head.apply({'params': params['dino_head']}, x)
-    global_logits = dino_apply(out['cls']).reshape(2, n_images, -1)
+    global_logits = rules_lib.constrain(_split(dino_apply(out['cls']), 2), CROP_LOGITS)
     local_logits = None
     if self.n_local:
       local_out = self.backbone.apply({'params': params['backbone']}, _merge(local_crops),
                                       train=True, rngs={'dropout': k_local})
-      local_logits = dino_apply(local_out['cls']).reshape(self.n_local, n_images, -1)
+      local_logits = rules_lib.constrain(_split(dino_apply(local_out['cls']), self.n_local),
+                                         CROP_LOGITS)
     student_temp = cfg.dino.student_temp
     dino_global, dino_local = dino.dino_loss(global_logits, dino_probs, local_logits, student_temp)
-    koleo_value = koleo.koleo_loss(out['cls'].reshape(2, n_images, -1), self.koleo_group)
-    patches = out['patches'].reshape((2, n_images) + out['patches'].shape[1:])
-    masked = ibot.gather_patches(patches, selection, self.ibot_group)
+    koleo_value = koleo.koleo_loss(_split(out['cls'], 2), self.group)
+    masked = ibot.gather_patches(_split(out['patches'], 2), selection, self.group)
     patch_logits = self.ibot_head.apply({'params': self._ibot_head_params(params)}, masked)
+    patch_logits = rules_lib.constrain(patch_logits, SLOT_LOGITS)
     ibot_value = ibot.ibot_loss(patch_logits, ibot_probs, selection.weights, 2 * n_images,
                                 student_temp)
     total = (cfg.dino.loss_weight * (dino_global + dino_local)
@@ -197,11 +221,10 @@ class DinoV2Recipe:
 
   def train_step(self, state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    global_crops = _crop_major(batch['global_crops'])
-    local_crops = _crop_major(batch['local_crops'])
-    masks = _crop_major(batch['masks'])
-    masks = masks.reshape(masks.shape[:2] + (-1,))  # [2, B, N]
-    selection = ibot.select_masked_patches(masks, self.ibot_group, self.ibot_budget)
+    global_crops, local_crops = batch['global_crops'], batch['local_crops']
+    masks = batch['masks'].reshape(batch['masks'].shape[:2] + (-1,))  # [B, 2, N]
+    selection = ibot.select_masked_patches(jnp.swapaxes(masks, 0, 1), self.group,
+                                           self.ibot_budget)
     step_schedules = self.schedules.all(state.step)
     targets = self._teacher_targets(state.extras['teacher'], global_crops, selection,
                                     state.extras, step_schedules['teacher_temp'])
@@ -234,16 +257,35 @@ class DinoV2Recipe:
     return self.backbone, {'params': state.extras['teacher']['backbone']}
 
   def analytic_flops(self, global_batch_size: int) -> float:
+    """Model FLOPs of one step; the subset drop path runs residual branches on fewer rows."""
     g, l = (self.global_size,) * 2, (self.local_size,) * 2
     d = self.backbone.embed_dim
-    student_fwd = 2 * flops.vit_forward_flops(self.backbone, g) + self.n_local * flops.vit_forward_flops(
-        self.backbone, l)
+    kept = self._drop_path_kept_fraction()
+    student_fwd = 2 * flops.vit_forward_flops(self.backbone, g, kept(2)) + (
+        self.n_local * flops.vit_forward_flops(self.backbone, l, kept(self.n_local)))
     student_heads = (2 + self.n_local) * head_flops(self.dino_head, d)
     teacher_fwd = 2 * flops.vit_forward_flops(self.backbone, g) + 2 * head_flops(self.dino_head, d)
     per_image = flops.TRAIN_FORWARD_MULTIPLIER * (student_fwd + student_heads) + teacher_fwd
     patch_heads = (flops.TRAIN_FORWARD_MULTIPLIER + 1) * head_flops(self.ibot_head, d)
-    groups = global_batch_size // self.ibot_group
+    groups = global_batch_size // self.group
     return per_image * global_batch_size + patch_heads * self.ibot_budget * groups
+
+  def _drop_path_kept_fraction(self):
+    """Fraction of rows whose residual branches run, per number of crops of one size."""
+    rate = self.backbone.drop_path_rate
+    if layers.resolve_drop_path_mode(self.backbone.drop_path_mode, rate) != 'subset' or not rate:
+      return lambda crops: 1.0
+    return lambda crops: layers.subset_size(crops * self.group, rate) / (crops * self.group)
+
+
+def group_size(config) -> int:
+  """Images per group (KoLeo, iBOT budget, subset drop path); must divide the global batch."""
+  group, batch = int(config.group_size), int(config.data.batch_size)
+  if group < 2 or batch % group:
+    raise ValueError(
+        f'group_size={group} must be >= 2 and divide the global batch data.batch_size={batch} '
+        '(KoLeo and the iBOT budget are computed within groups of this many images)')
+  return group
 
 
 def make_recipe(config) -> DinoV2Recipe:

@@ -11,8 +11,13 @@ from vitreg_jax.models.vit import VisionTransformer
 TRAIN_FORWARD_MULTIPLIER = 3
 
 
-def vit_forward_flops(model: VisionTransformer, image_hw: tuple[int, int]) -> float:
-  """FLOPs of one image through ``model`` at ``image_hw`` (no head)."""
+def vit_forward_flops(model: VisionTransformer, image_hw: tuple[int, int],
+                      branch_fraction: float = 1.0) -> float:
+  """FLOPs of one image through ``model`` at ``image_hw`` (no head).
+
+  ``branch_fraction``: the share of images whose residual branches run (DINOv2's
+  subset drop path skips the others' attention and MLP entirely).
+  """
   h, w = image_hw
   p, d = model.patch_size, model.embed_dim
   patches = (h // p) * (w // p)
@@ -25,7 +30,7 @@ def vit_forward_flops(model: VisionTransformer, image_hw: tuple[int, int]) -> fl
       + 2 * tokens * d * d           # proj
       + 2 * ffn_matmuls * tokens * d * hidden)
   patch_embed = 2 * patches * p * p * 3 * d
-  return float(patch_embed + model.depth * per_block)
+  return float(patch_embed + branch_fraction * model.depth * per_block)
 
 
 def dense_flops(in_features: int, out_features: int) -> float:
