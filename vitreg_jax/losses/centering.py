@@ -45,14 +45,15 @@ def update_center(center, logits, momentum: float = 0.9, valid=None):
   """
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
   _check_valid(logits, valid)
-  k = logits.shape[-1]
-  flat = logits.reshape(-1, k)
+  # Reduce over the sample axes as they are: a reshape(-1, K) would merge a
+  # sharded axis with a replicated one and copy the global logits to each device.
+  sample_axes = tuple(range(logits.ndim - 1))
   if valid is None:
-    batch_mean = jnp.mean(flat, axis=0)
+    batch_mean = jnp.mean(logits, axis=sample_axes)
   else:
-    keep = valid.reshape(-1, 1)
-    total = jnp.sum(jnp.where(keep, flat, 0.0), axis=0)  # where, not 0 * x: x may be garbage
-    batch_mean = total / jnp.maximum(jnp.sum(keep.astype(jnp.float32)), 1.0)
+    keep = valid[..., None]
+    total = jnp.sum(jnp.where(keep, logits, 0.0), axis=sample_axes)  # where, not 0 * x: x may be garbage
+    batch_mean = total / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
   return momentum * jnp.asarray(center, jnp.float32) + (1.0 - momentum) * batch_mean
 
 
