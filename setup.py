@@ -27,7 +27,11 @@ TORCH = [
     'transformers>=4.48',
     'open_clip_torch>=2.30',
 ]
-TEST = TORCH + ['pytest>=8', 'scipy']
+# The TPU runtime. On a host without TPUs it still compiles for any TPU topology
+# (--mode=plan --plan.topology=v5e:16x16). jax's own extra pins the libtpu built
+# for that jax (jax 0.10.2: libtpu 0.0.42.*), so newer jax keeps working.
+TPU = ['jax[tpu]>=0.10']
+TEST = TORCH + TPU + ['pytest>=8', 'scipy']
 
 setup(
     name='vitreg_jax',
@@ -39,5 +43,6 @@ setup(
     packages=find_packages(include=['vitreg_jax', 'vitreg_jax.*']),
     package_data={'vitreg_jax.data': ['bpe_simple_vocab_16e6.txt.gz']},
     install_requires=CORE,
-    extras_require={'torch': TORCH, 'test': TEST, 'notebooks': ['jupyter', 'nbclient', 'nbformat', 'matplotlib']},
+    extras_require={'torch': TORCH, 'tpu': TPU, 'test': TEST,
+                    'notebooks': ['jupyter', 'nbclient', 'nbformat', 'matplotlib']},
 )

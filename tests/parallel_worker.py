@@ -3,39 +3,61 @@
 Used by tests/test_parallel_multiprocess.py both in-process (the single-process
 reference) and as ``python tests/parallel_worker.py`` children that join a
 ``jax.distributed`` run on 127.0.0.1. Every process draws the same global
-batch from a fixed seed and feeds only the rows its devices hold.
+batch from a fixed seed and feeds only the rows its devices hold, as its
+``BatchLayout`` says.
+
+Each scenario is a mesh over two processes x two devices. ``ORDERS`` name the
+device at each mesh position as (process, local device), so a scenario can lay
+the batch out as a TPU torus does: several row blocks per process, or a
+``tensor`` axis across processes. The single-process reference runs the same
+mesh shapes on its four devices (same program, other devices).
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import pathlib
 import sys
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'supervised.py'
+REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 STEPS = 3
-MESH = {'data': 1, 'fsdp': 2, 'tensor': 2}
-STRATEGY = 'fsdp_tp'
+DEVICES_PER_PROCESS = 2
+# Mesh positions in row-major order of (data, fsdp, tensor) -> (process, local device).
+ORDERS = {
+    'process_major': None,  # create_mesh's own order: fsdp across processes, tensor within
+    'interleaved': ((0, 0), (1, 0), (0, 1), (1, 1)),    # rows 0-2 + 4-6 | 2-4 + 6-8
+    'tensor_across': ((0, 0), (1, 0), (0, 1), (1, 1)),  # tensor pairs span both processes
+}
+SCENARIOS = {  # name -> (mesh, strategy)
+    'process_major': ({'data': 1, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp'),
+    'interleaved': ({'data': 1, 'fsdp': 4, 'tensor': 1}, 'fsdp'),
+    'tensor_across': ({'data': 1, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp'),
+}
+# Trained in every process (a train-step compile each); the others only lay out the batch.
+TRAINED = ('interleaved', 'tensor_across')
 # rbg compiles ~4x faster than threefry on CPU; both runs use the same program.
 INIT_PRNG = 'unsafe_rbg'
 # Set in every compared process (same program, same numerics); cuts compile time ~3x.
 XLA_FLAGS = '--xla_backend_optimization_level=0'
 
 
-def load_config(arg: str = 'smoke'):
-  spec = importlib.util.spec_from_file_location('supervised_config', CONFIG_FILE)
+def load_config(arg: str = 'smoke', file: str = 'supervised.py'):
+  """``configs/FILE:ARG`` (configs/ is no package)."""
+  path = REPO / 'configs' / file
+  spec = importlib.util.spec_from_file_location(path.stem + '_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def test_config():
+def test_config(mesh=None, strategy='fsdp_tp'):
   config = load_config('smoke')
   config.input.global_batch_size = GLOBAL_BATCH
   config.optimizer.warmup_steps = 0
-  config.mesh.update(MESH)
-  config.sharding.strategy = STRATEGY
+  config.mesh.update(mesh or SCENARIOS['process_major'][0])
+  config.sharding.strategy = strategy
   return config
 
 
@@ -47,29 +69,101 @@ def global_batches(num_classes: int, image_size: int):
            'labels': rng.integers(0, num_classes, GLOBAL_BATCH).astype(np.int32)}
 
 
-def run(devices=None) -> dict:
-  """Losses of ``STEPS`` steps and this process's batch rows."""
+def scenario_trainer(name: str):
+  """The scenario's ``ShardedRecipe``: its mesh in the scenario's device order."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.sharding import AxisType, Mesh  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.parallel import rules  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import recipes, sharded  # pylint: disable=import-outside-toplevel
+
+  mesh_axes, strategy = SCENARIOS[name]
+  config = test_config(mesh_axes, strategy)
+  if ORDERS[name] is None:
+    return config, sharded.from_config(config)
+  if jax.process_count() > 1:
+    local = lambda p: sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+    by_position = {(p, i): d for p in range(jax.process_count()) for i, d in enumerate(local(p))}
+  else:  # the reference stands in for both: devices 0, 1 as process 0, devices 2, 3 as 1
+    by_position = {divmod(d.id, DEVICES_PER_PROCESS): d for d in jax.devices()}
+  devices = np.array([by_position[p] for p in ORDERS[name]], dtype=object)
+  shape = mesh_lib.resolve_mesh_shape(mesh_axes, devices.size)
+  mesh = Mesh(devices.reshape(shape), mesh_lib.MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
+  rules.validate_strategy(strategy, mesh)
+  return config, sharded.ShardedRecipe(recipes.get_recipe(config), mesh,
+                                       rules.get_rules(strategy))
+
+
+def loader_digest(shard_index: int, num_shards: int) -> str:
+  """Digest of the first DINOv2 batch a loader reading this data shard yields."""
+  from vitreg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = load_config('smoke', 'dinov2_reg.py')
+  config.data.batch_size = GLOBAL_BATCH
+  config.group_size = GLOBAL_BATCH // 2  # divides every per-process batch here
+  iterator = pipeline.build_train_pipeline(config, shard_index=shard_index,
+                                           num_shards=num_shards, seed=0)
+  try:
+    batch = next(iterator)
+  finally:
+    iterator.close()
+  digest = hashlib.sha256()
+  for key in sorted(batch):
+    digest.update(key.encode() + batch[key].tobytes())
+  return digest.hexdigest()[:16]
+
+
+def initial_state():
+  """The initial state as numpy, computed on one local device: every mesh starts from it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import recipes, state  # pylint: disable=import-outside-toplevel
+  recipe = recipes.get_recipe(test_config())
+  init = jax.jit(lambda key: state.unbox(recipe.init_state(key)),
+                 out_shardings=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return jax.tree.map(np.asarray, init(jax.random.key(0, impl=INIT_PRNG)))
+
+
+def run_scenario(name: str, init_state=None) -> dict:
+  """This process's row blocks and data shard; with ``init_state``, ``STEPS`` steps' losses."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import sharded  # pylint: disable=import-outside-toplevel
 
-  config = test_config()
-  trainer = sharded.from_config(config, devices)
+  config, trainer = scenario_trainer(name)
   layout = trainer.batch_layout(GLOBAL_BATCH)
-  state = trainer.init(jax.random.key(0, impl=INIT_PRNG))
+  tensor = trainer.mesh.shape['tensor']
+  out = {'blocks': [list(b) for b in layout.blocks],
+         'shard': [layout.shard_index, layout.num_shards],
+         'tensor_groups_processes': [sorted({d.process_index for d in group}) for group in
+                                     trainer.mesh.devices.reshape(-1, tensor)]}
+  if init_state is None:
+    return out
+  state = jax.device_put(init_state, trainer.state_shardings)
   losses = []
   for batch in global_batches(config.num_classes, config.input.image_size):
-    local = {k: v[layout.process_start:layout.process_stop] for k, v in batch.items()}
+    local = {k: layout.local_rows(v) for k, v in batch.items()}
     state, metrics = trainer.train_step(state, trainer.global_batch(local, GLOBAL_BATCH),
                                         jax.random.key(1))
     losses.append(float(metrics['loss']))
   param_norm = jax.jit(optax.tree.norm, out_shardings=trainer.replicated)(state.params)
-  return {'losses': losses, 'param_norm': float(jnp.asarray(param_norm)),
-          'rows': [layout.process_start, layout.process_stop],
-          'process_count': jax.process_count(), 'device_count': jax.device_count(),
-          'tensor_groups_processes': [sorted({d.process_index for d in group}) for group in
-                                      trainer.mesh.devices.reshape(-1, MESH['tensor'])]}
+  return dict(out, losses=losses, param_norm=float(jnp.asarray(param_norm)))
+
+
+def run(trained=TRAINED) -> dict:
+  """Every scenario's layout and loader shard; training for those in ``trained``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = {'process_count': jax.process_count(), 'device_count': jax.device_count()}
+  init_state = initial_state()
+  digests = {}
+  for name in SCENARIOS:
+    out[name] = run_scenario(name, init_state if name in trained else None)
+    shard = tuple(out[name]['shard'])
+    if shard not in digests:
+      digests[shard] = loader_digest(*shard)
+    out[name]['loader'] = digests[shard]
+  return out
 
 
 def main() -> None:
@@ -79,7 +173,7 @@ def main() -> None:
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--out', required=True)
   args = parser.parse_args()
-  sys.path.insert(0, str(CONFIG_FILE.parents[1]))
+  sys.path.insert(0, str(REPO))
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.config.update('jax_default_matmul_precision', 'highest')

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import parallel_worker
 from vitreg_jax.parallel import batch as batch_lib
@@ -113,12 +113,25 @@ def test_batch_layout_and_global_batch_single_process():
   rules = rules_lib.get_rules('fsdp_tp')
   layout = batch_lib.batch_layout(m, rules, 16)
   assert (layout.batch_shards, layout.per_process_batch_size, layout.num_shards) == (4, 16, 1)
+  assert layout.blocks == ((0, 16),) and layout.shard_index == 0
+  np.testing.assert_array_equal(layout.rows(), np.arange(16))
   local = {'x': np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
   shardings = batch_lib.batch_shardings({'x': ('batch', None)}, local, m, rules)
   out = batch_lib.global_batch(local, layout, shardings)['x']
   assert out.shape == (16, 3) and out.sharding.spec == P(('data', 'fsdp'), None)
   assert {s.data.shape for s in out.addressable_shards} == {(4, 3)}
   np.testing.assert_array_equal(np.asarray(out), local['x'])
+
+
+def test_process_blocks_merge_touching_device_rows():
+  """Rows per process from a sharding: touching device blocks merge, others stay apart."""
+  m = mesh(fsdp=8)
+  sharding = NamedSharding(m, P('fsdp'))
+  assert batch_lib.process_blocks(sharding, 32) == {0: ((0, 32),)}
+  layout = batch_lib.BatchLayout(32, 8, ((0, 4), (16, 20)), 0, 4)
+  assert layout.per_process_batch_size == 8
+  np.testing.assert_array_equal(layout.rows(), [0, 1, 2, 3, 16, 17, 18, 19])
+  np.testing.assert_array_equal(layout.local_rows(np.arange(32) * 10), layout.rows() * 10)
 
 
 def test_batch_that_does_not_divide_fails_naming_numbers():

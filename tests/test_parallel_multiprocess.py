@@ -1,4 +1,10 @@
-"""Two processes on 127.0.0.1 (jax.distributed, gloo) == one process, same global batch."""
+"""Two processes on 127.0.0.1 (jax.distributed, gloo) == one process, same global batch.
+
+Three meshes: one block of rows per process (create_mesh's order), two
+separate blocks per process (as a TPU torus lays out a batch) and a tensor axis
+across the processes; the last two train (fsdp across processes, tensor
+across processes) and must give the one-process losses.
+"""
 
 import json
 import os
@@ -24,7 +30,10 @@ def _free_port() -> int:
 
 
 def _run_workers(tmp_path) -> list[dict]:
-  """Two processes x 2 devices in one jax.distributed run, and one process x 4 devices."""
+  """Two processes x 2 devices in one jax.distributed run, and one process x 4 devices.
+
+  Each runs every scenario of ``parallel_worker.SCENARIOS``.
+  """
   address = f'127.0.0.1:{_free_port()}'
   runs = [(2, 0, 2), (2, 1, 2), (1, 0, 4)]  # (num_processes, process_id, local devices)
   procs, outs = [], []
@@ -54,18 +63,58 @@ def _run_workers(tmp_path) -> list[dict]:
   return [json.loads(out.read_text()) for out in outs]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  *processes, reference = _run_workers(tmp_path)
-
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  *processes, reference = _run_workers(tmp_path_factory.mktemp('workers'))
   assert not reference['initialized'] and reference['process_count'] == 1
-  assert reference['rows'] == [0, parallel_worker.GLOBAL_BATCH]
-  for pid, r in enumerate(processes):
+  for r in processes:
     assert r['initialized'] and r['process_count'] == 2 and r['device_count'] == 4
-    # fsdp crosses the two processes, tensor stays inside each one.
-    assert all(len(group) == 1 for group in r['tensor_groups_processes'])
-    assert r['rows'] == [4 * pid, 4 * pid + 4]
-    np.testing.assert_allclose(r['losses'], reference['losses'], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(r['param_norm'], reference['param_norm'], rtol=1e-6)
+  return processes, reference
+
+
+def _assert_trains_like_one_process(processes, reference, scenario):
+  want = reference[scenario]
+  assert want['blocks'] == [[0, parallel_worker.GLOBAL_BATCH]] and want['shard'] == [0, 1]
+  for r in processes:
+    np.testing.assert_allclose(r[scenario]['losses'], want['losses'], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(r[scenario]['param_norm'], want['param_norm'], rtol=1e-6)
   # The steps really train: the loss moves.
-  assert abs(reference['losses'][-1] - reference['losses'][0]) > 1e-4
+  assert abs(want['losses'][-1] - want['losses'][0]) > 1e-4
+
+
+@pytest.mark.slow
+def test_create_mesh_gives_each_process_one_block(runs):
+  """create_mesh's order: fsdp across the processes, tensor inside each."""
+  processes, reference = runs
+  assert reference['process_major']['blocks'] == [[0, parallel_worker.GLOBAL_BATCH]]
+  for pid, r in enumerate(processes):
+    got = r['process_major']
+    assert all(len(group) == 1 for group in got['tensor_groups_processes'])
+    assert got['blocks'] == [[4 * pid, 4 * pid + 4]] and got['shard'] == [pid, 2]
+    assert got['loader'] == r['interleaved']['loader']  # same shard index, same examples
+
+
+@pytest.mark.slow
+def test_process_holding_two_separate_blocks_matches_one_process(runs):
+  """A torus-like device order: each process feeds two separate row blocks."""
+  processes, reference = runs
+  assert processes[0]['interleaved']['blocks'] == [[0, 2], [4, 6]]
+  assert processes[1]['interleaved']['blocks'] == [[2, 4], [6, 8]]
+  assert [r['interleaved']['shard'] for r in processes] == [[0, 2], [1, 2]]
+  # The two data shards read different examples.
+  assert processes[0]['interleaved']['loader'] != processes[1]['interleaved']['loader']
+  _assert_trains_like_one_process(processes, reference, 'interleaved')
+
+
+@pytest.mark.slow
+def test_tensor_axis_across_processes_reads_one_data_shard(runs):
+  """tensor spans the processes: both hold every row, so both read the same data."""
+  processes, reference = runs
+  for r in processes:
+    got = r['tensor_across']
+    assert all(group == [0, 1] for group in got['tensor_groups_processes'])
+    assert got['blocks'] == [[0, parallel_worker.GLOBAL_BATCH]] and got['shard'] == [0, 1]
+  # Same shard, same examples and augmentations as the one-process loader.
+  assert {r['tensor_across']['loader'] for r in processes} == {
+      reference['tensor_across']['loader']}
+  _assert_trains_like_one_process(processes, reference, 'tensor_across')

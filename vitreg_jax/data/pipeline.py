@@ -2,15 +2,16 @@
 
 API for the training loop::
 
-  it = build_train_pipeline(config, process_index=jax.process_index(),
-                            process_count=jax.process_count(), seed=config.seed, mesh=mesh)
+  layout = sharded.batch_layout(global_batch)           # parallel/batch.py
+  it = build_train_pipeline(config, shard_index=layout.shard_index,
+                            num_shards=layout.num_shards, seed=config.seed, mesh=mesh)
   batch = next(it)       # dict of global jax.Arrays sharded over the mesh batch axes
                          # (per-process numpy arrays when mesh is None)
   state = it.get_state() # small JSON dict; Orbax: grain.checkpoint.CheckpointSave(it) /
   it.set_state(state)    #   CheckpointRestore(it). Resumes with exactly the batches an
   it.close()             #   uninterrupted run would see, for any number of workers.
 
-  ev = build_eval_pipeline(config, split='val', process_index=..., process_count=...,
+  ev = build_eval_pipeline(config, split='val', shard_index=..., num_shards=...,
                            mode='center' | 'native', mesh=None)
   for batch in ev: ...   # the same number of full batches on every process; padding and
                          # undecodable images have valid == 0. 'native' yields one image
@@ -18,11 +19,15 @@ API for the training loop::
 
   to_global_batch(numpy_batch, mesh, batch_axes=('data', 'fsdp'))
 
-``process_index``/``process_count`` are this process's position among the
-processes that read *different* data (the data-parallel processes); they default
-to ``jax.process_index()``/``jax.process_count()``.
+``shard_index``/``num_shards`` say which copy of the data this process reads:
+processes that hold the same batch rows (a ``tensor`` axis across hosts) share
+an index, so they load the same examples with the same augmentation seeds.
+They come from the batch layout (``BatchLayout.shard_index`` / ``num_shards``);
+with a ``mesh`` they default to its layout for ``data.batch_axes``, else to
+``jax.process_index()``/``jax.process_count()``. ``process_index`` /
+``process_count`` are their older names, still accepted.
 
-Train batches (per process: B = data.batch_size // process_count):
+Train batches (per process: B = data.batch_size // num_shards):
   dinov2: global_crops f32 [B, 2, G, G, 3], local_crops f32 [B, N, L, L, 3] (if N > 0),
           masks bool [B, 2, G/p, G/p] (iBOT), label/index/skipped int32 [B]
   clip:   image f32 [B, S, S, 3], tokens int32 [B, context_length], label/index/skipped
@@ -59,6 +64,7 @@ from vitreg_jax.data import masking
 from vitreg_jax.data import sources
 from vitreg_jax.data import tokenizer as tokenizer_lib
 from vitreg_jax.data import transforms
+from vitreg_jax.parallel import batch as batch_lib
 
 TRAINERS = ('dinov2', 'clip')
 DATA_DEFAULTS = {
@@ -101,21 +107,41 @@ def _trainer(config):
   return trainer
 
 
-def _stream_seed(seed, process_index, stream):
-  """Independent 32-bit seeds per (seed, process, stream): processes never share randomness."""
-  return int(np.random.SeedSequence([int(seed), int(process_index), stream]).generate_state(1)[0])
+def _stream_seed(seed, shard_index, stream):
+  """Independent 32-bit seeds per (seed, data shard, stream).
+
+  Shards never share randomness; processes that read the same shard (replicas
+  across a ``tensor`` axis) draw the same crops and masks, as they must.
+  """
+  return int(np.random.SeedSequence([int(seed), int(shard_index), stream]).generate_state(1)[0])
 
 
-def _process_defaults(process_index, process_count):
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+def _data_shard(shard_index, num_shards, process_index, process_count, mesh, data):
+  """(shard_index, num_shards): as given (or under the old names), from the mesh, or per process."""
+  if process_index is not None or process_count is not None:
+    if shard_index is not None or num_shards is not None:
+      raise ValueError('give shard_index/num_shards or their old names process_index/'
+                       'process_count, not both')
+    shard_index, num_shards = process_index, process_count
+  if (shard_index is None) != (num_shards is None):
+    raise ValueError(f'shard_index and num_shards go together, got {shard_index} and '
+                     f'{num_shards}')
+  if shard_index is not None:
+    if not 0 <= shard_index < num_shards:
+      raise ValueError(f'shard_index {shard_index} is outside [0, num_shards={num_shards})')
+    return shard_index, num_shards
+  if mesh is not None:  # the shard pattern does not depend on the batch size: probe with
+    sharding = batch_sharding(mesh, data.batch_axes)  # one row per device
+    layout = batch_lib.layout_from_sharding(sharding, sharding.num_devices)
+    return layout.shard_index, layout.num_shards
+  return jax.process_index(), jax.process_count()
 
 
-def _per_process(global_batch, process_count, what):
-  if global_batch % process_count:
+def _per_process(global_batch, num_shards, what):
+  if global_batch % num_shards:
     raise ValueError(f'data.{what} ({global_batch}) must be divisible by the number of '
-                     f'data-parallel processes ({process_count})')
-  return global_batch // process_count
+                     f'data shards ({num_shards})')
+  return global_batch // num_shards
 
 
 def _ensure_absl_flags_parsed():
@@ -240,7 +266,7 @@ def _dinov2_batches(examples, config, per_process_batch, seeds):
       crop_size=aug.global_crops_size, patch_size=mask.patch_size,
       mask_probability=mask.mask_probability, ratio_min_max=mask.ratio_min_max,
       min_num_patches=mask.min_num_patches, max_ratio_per_block=mask.max_ratio_per_block,
-      min_aspect=mask.min_aspect)
+      min_aspect=mask.min_aspect, group_size=config.get('group_size'))
   ds = examples.batch(per_process_batch, drop_remainder=True, batch_fn=list)
   ds = ds.random_map(transforms.BatchedMultiCrop(multicrop), seed=seeds('augment'))
   return ds.random_map(masks, seed=seeds('masks'))
@@ -257,28 +283,29 @@ def _clip_batches(examples, config, per_process_batch, seeds):
   return ds.batch(per_process_batch, drop_remainder=True)
 
 
-def build_train_pipeline(config, *, process_index=None, process_count=None, seed=None,
-                         mesh=None) -> TrainIterator:
+def build_train_pipeline(config, *, shard_index=None, num_shards=None, seed=None, mesh=None,
+                         process_index=None, process_count=None) -> TrainIterator:
   """The training iterator ``config.trainer`` needs (see the module docstring)."""
   trainer = _trainer(config)
   data = _section(config, 'data', DATA_DEFAULTS)
-  process_index, process_count = _process_defaults(process_index, process_count)
+  shard_index, num_shards = _data_shard(shard_index, num_shards, process_index, process_count,
+                                        mesh, data)
   seed = config.get('seed', 0) if seed is None else seed
-  per_process_batch = _per_process(data.batch_size, process_count, 'batch_size')
+  per_process_batch = _per_process(data.batch_size, num_shards, 'batch_size')
   source = sources.make_source(data, data.split)
 
-  examples = grain.MapDataset.source(source)[process_index::process_count]
+  examples = grain.MapDataset.source(source)[shard_index::num_shards]
   if len(examples) < per_process_batch:
-    raise ValueError(f'process {process_index} has {len(examples)} examples of {source!r}, fewer '
-                     f'than one per-process batch ({per_process_batch})')
-  seeds = lambda stream: _stream_seed(seed, process_index, ['shuffle', 'augment', 'masks'].index(stream))
+    raise ValueError(f'data shard {shard_index} has {len(examples)} examples of {source!r}, '
+                     f'fewer than one per-process batch ({per_process_batch})')
+  seeds = lambda stream: _stream_seed(seed, shard_index, ['shuffle', 'augment', 'masks'].index(stream))
   if data.shuffle:
     examples = examples.shuffle(seed=seeds('shuffle'))
   examples = examples.repeat(data.num_epochs)
   examples = decode.DecodedDataset(examples, on_error='substitute')
   build = _dinov2_batches if trainer == 'dinov2' else _clip_batches
   batched = build(examples, config, per_process_batch, seeds)
-  description = (f'{trainer} {source!r} process {process_index}/{process_count} '
+  description = (f'{trainer} {source!r} process {shard_index}/{num_shards} '
                  f'batch {per_process_batch} seed {seed} shuffle {data.shuffle} '
                  f'epochs {data.num_epochs}')
   return TrainIterator(batched, description=description, data=data, mesh=mesh)
@@ -303,15 +330,17 @@ class EvalPipeline:
       iterator.close()
 
 
-def build_eval_pipeline(config, *, split=None, process_index=None, process_count=None,
-                        mode='center', mesh=None) -> EvalPipeline:
+def build_eval_pipeline(config, *, split=None, shard_index=None, num_shards=None,
+                        mode='center', mesh=None, process_index=None,
+                        process_count=None) -> EvalPipeline:
   """Evaluation batches: ``'center'`` resize + centre crop, or ``'native'`` (LOST) one by one."""
   if mode not in ('center', 'native'):
     raise ValueError(f"eval mode must be 'center' or 'native', got {mode!r}")
   trainer = _trainer(config)
   data = _section(config, 'data', DATA_DEFAULTS)
   aug = _section(config, 'augment', AUGMENT_DEFAULTS)
-  process_index, process_count = _process_defaults(process_index, process_count)
+  shard_index, num_shards = _data_shard(shard_index, num_shards, process_index, process_count,
+                                        mesh if mode == 'center' else None, data)
   source = sources.make_source(data, split or data.eval_split)
   mean = aug.mean or (transforms.IMAGENET_MEAN if trainer == 'dinov2' else transforms.CLIP_MEAN)
   std = aug.std or (transforms.IMAGENET_STD if trainer == 'dinov2' else transforms.CLIP_STD)
@@ -321,15 +350,15 @@ def build_eval_pipeline(config, *, split=None, process_index=None, process_count
                                       mean=mean, std=std, max_size=aug.native_max_size)
     mesh = None
   else:
-    per_process_batch = _per_process(data.eval_batch_size or data.batch_size, process_count,
+    per_process_batch = _per_process(data.eval_batch_size or data.batch_size, num_shards,
                                      'eval_batch_size')
     default_crop = 224 if trainer == 'dinov2' else aug.image_size
     crop = aug.eval_crop_size or default_crop
     resize = aug.eval_resize_size or (round(crop * 256 / 224) if trainer == 'dinov2' else crop)
     transform = transforms.EvalCenterCrop(resize_size=resize, crop_size=crop, mean=mean, std=std)
-  num_batches = math.ceil(len(source) / (process_count * per_process_batch))
-  padded = sources.PaddedSource(source, num_batches * per_process_batch * process_count)
-  ds = grain.MapDataset.source(padded)[process_index::process_count]
+  num_batches = math.ceil(len(source) / (num_shards * per_process_batch))
+  padded = sources.PaddedSource(source, num_batches * per_process_batch * num_shards)
+  ds = grain.MapDataset.source(padded)[shard_index::num_shards]
   ds = decode.DecodedDataset(ds, on_error='invalid').map(transform)
   ds = ds.batch(per_process_batch, drop_remainder=True)
   return EvalPipeline(ds, data=data, mesh=mesh, num_batches=num_batches, num_examples=len(source))

@@ -1,1 +1,1 @@
-"""Device mesh, logical sharding rules, multi-host batches and the memory planner."""
+"""Device mesh (also over a TPU topology), logical sharding rules, multi-host batches."""

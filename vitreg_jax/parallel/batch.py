@@ -3,11 +3,21 @@
 Each process loads only the rows its own devices hold. Which rows those are
 follows from the mesh and the ``batch`` rule (data x fsdp): ``BatchLayout``
 works them out from the sharding itself, so the data pipeline never guesses.
+
+On a TPU slice the mesh follows the torus (``mesh_utils``), not the hosts, so
+a host's chips can hold several separate blocks of the batch (on v5e:16x16
+with fsdp=256, host 0 holds rows 0-31 and 256-287). A process then loads
+the concatenation of its blocks, in global-row order, and ``global_batch``
+places each block on its devices.
+
 When an axis that does not shard the batch (``tensor``) spans processes,
-several processes hold the same rows and must load the same examples;
-``shard_index`` / ``num_shards`` tell the loader which copy of the data to read.
+several processes hold the same rows and must load the same examples:
+``shard_index`` / ``num_shards`` say which copy of the data a process reads
+(processes holding the same rows share an index), so the data loader takes
+them from here rather than from ``jax.process_index()``.
 """
 
+import collections
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -18,37 +28,98 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vitreg_jax.parallel import rules as rules_lib
 
+Blocks = tuple[tuple[int, int], ...]
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
-  """Which rows of the global batch this process feeds."""
+  """Which rows of the global batch one process feeds, and which data shard it reads."""
   global_batch_size: int
   batch_shards: int  # devices the batch is split over (product of its mesh axes)
-  process_start: int
-  process_stop: int
+  blocks: Blocks     # this process's rows: sorted, disjoint [start, stop) blocks
+  shard_index: int   # which distinct row set (data-loader shard) this process holds
+  num_shards: int    # distinct row sets over all processes
 
   @property
   def per_process_batch_size(self) -> int:
-    return self.process_stop - self.process_start
+    return sum(stop - start for start, stop in self.blocks)
 
-  @property
-  def num_shards(self) -> int:
-    """Distinct per-process slices of the global batch (data-loader shard count)."""
-    return self.global_batch_size // self.per_process_batch_size
+  def rows(self) -> np.ndarray:
+    """Global row index of each row of this process's batch (its blocks, concatenated)."""
+    return np.concatenate([np.arange(start, stop) for start, stop in self.blocks])
 
-  @property
-  def shard_index(self) -> int:
-    return self.process_start // self.per_process_batch_size
+  def local_rows(self, global_array: np.ndarray) -> np.ndarray:
+    """This process's rows of a whole global batch (tests, single-host tools)."""
+    return np.concatenate([global_array[start:stop] for start, stop in self.blocks])
 
 
-def batch_mesh_axes(rules: rules_lib.Rules, mesh: Mesh) -> tuple[str, ...]:
-  spec = rules_lib.partition_spec(('batch',), (math.prod(mesh.shape.values()),), rules, mesh)
-  axes = spec[0]
+def _leading_axes(spec: PartitionSpec) -> tuple[str, ...]:
+  axes = spec[0] if len(spec) else None
   return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 
-def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int) -> BatchLayout:
-  """Validates ``global_batch_size`` against the mesh; finds this process's rows."""
+def batch_mesh_axes(rules: rules_lib.Rules, mesh: Mesh) -> tuple[str, ...]:
+  return _leading_axes(rules_lib.partition_spec(
+      ('batch',), (math.prod(mesh.shape.values()),), rules, mesh))
+
+
+def _merge(blocks) -> Blocks:
+  """Sorted blocks with touching neighbours joined: (0, 16), (16, 32) -> (0, 32)."""
+  merged: list[tuple[int, int]] = []
+  for start, stop in sorted(blocks):
+    if merged and merged[-1][1] == start:
+      merged[-1] = (merged[-1][0], stop)
+    else:
+      merged.append((start, stop))
+  return tuple(merged)
+
+
+def process_blocks(sharding: NamedSharding, global_batch_size: int) -> dict[int, Blocks]:
+  """Row blocks of every process under ``sharding`` (leading axis = batch)."""
+  rows = collections.defaultdict(set)
+  for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+    rows[device.process_index].add((index[0].start or 0, index[0].stop or global_batch_size))
+  return {process: _merge(blocks) for process, blocks in sorted(rows.items())}
+
+
+def layout_from_sharding(sharding: NamedSharding, global_batch_size: int,
+                         process_index: int | None = None) -> BatchLayout:
+  """The layout of ``process_index`` (default: this process) under a batch sharding.
+
+  Distinct row sets must partition the batch into equal parts (each row read
+  by one data shard, every shard the same size): true of every mesh built from
+  ``MESH_AXES``; a hand-made device order that breaks it fails here.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  blocks = process_blocks(sharding, global_batch_size)
+  if process_index not in blocks:
+    raise ValueError(f'process {process_index} holds no device of the mesh; processes with '
+                     f'devices: {sorted(blocks)}')
+  distinct = sorted(set(blocks.values()))  # ordered by first row
+  covered = sorted(row for row_set in distinct for block in row_set for row in range(*block))
+  if covered != list(range(global_batch_size)):
+    overlapping = {p: b for p, b in blocks.items() if b != blocks[process_index]
+                   and set(b) & set(blocks[process_index])}
+    raise ValueError(
+        f'the batch rows held by processes overlap without being equal (process '
+        f'{process_index}: {blocks[process_index]}, others: {overlapping}); every process '
+        'must hold either the same rows as another or none of them')
+  sizes = {sum(hi - lo for lo, hi in row_set) for row_set in distinct}
+  if len(sizes) > 1:
+    raise ValueError(f'processes hold unequal numbers of batch rows {sorted(sizes)}: '
+                     f'{blocks}; the data loaders need equal shards')
+  shards = math.prod(sharding.mesh.shape[a] for a in _leading_axes(sharding.spec))
+  return BatchLayout(global_batch_size, shards, blocks[process_index],
+                     distinct.index(blocks[process_index]), len(distinct))
+
+
+def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int,
+                 process_index: int | None = None) -> BatchLayout:
+  """Validates ``global_batch_size`` against the mesh; finds a process's rows.
+
+  ``process_index`` defaults to this process; other values let a single host
+  inspect a pod's layout (e.g. on the compile-only devices of a TPU topology).
+  """
   axes = batch_mesh_axes(rules, mesh)
   shards = math.prod(mesh.shape[a] for a in axes)
   if global_batch_size <= 0 or global_batch_size % shards:
@@ -59,17 +130,7 @@ def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int) -> 
         f'shards of the mesh ({sizes}); use a multiple of {shards}, e.g. '
         f'{max(lower, shards)} or {lower + shards}')
   sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
-  rows = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
-                 for idx in index_map.values()})
-  start, stop = rows[0][0], rows[0][1]
-  for lo, hi in rows[1:]:
-    if lo != stop:
-      raise ValueError(
-          f'process {jax.process_index()} holds non-contiguous batch rows {rows}; the mesh '
-          'device order must give each process one block of the batch')
-    stop = hi
-  return BatchLayout(global_batch_size, shards, start, stop)
+  return layout_from_sharding(sharding, global_batch_size, process_index)
 
 
 def batch_shardings(batch_axes: Mapping[str, Sequence[str | None]], batch: Mapping[str, Any],
@@ -84,15 +145,22 @@ def batch_shardings(batch_axes: Mapping[str, Sequence[str | None]], batch: Mappi
 
 def global_batch(local_batch: Mapping[str, np.ndarray], layout: BatchLayout,
                  shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-  """Assembles each process's rows into global arrays (no cross-host copies)."""
+  """Assembles each process's rows into global arrays (no cross-host copies).
+
+  ``local_batch`` holds the process's blocks concatenated in global-row order
+  (``layout.rows()``); ``jax.make_array_from_process_local_data`` maps its
+  i-th block of device rows onto the i-th distinct row offset this process's
+  devices hold, which is exactly that order, contiguous or not.
+  """
   out = {}
   for key, local in local_batch.items():
     local = np.asarray(local)
     if local.ndim == 0 or local.shape[0] != layout.per_process_batch_size:
       raise ValueError(
           f'batch field {key!r} has shape {local.shape} in process {jax.process_index()}; '
-          f'expected {layout.per_process_batch_size} rows (global batch '
-          f'{layout.global_batch_size} over {layout.num_shards} process shards)')
+          f'expected {layout.per_process_batch_size} rows, its blocks {list(layout.blocks)} '
+          f'of the global batch {layout.global_batch_size} (data shard {layout.shard_index} '
+          f'of {layout.num_shards})')
     global_shape = (layout.global_batch_size,) + local.shape[1:]
     out[key] = jax.make_array_from_process_local_data(shardings[key], local, global_shape)
   return out

@@ -8,6 +8,11 @@ bandwidth-hungry axis. On multi-slice TPU only the outer ``data`` (or else
 
 Axes are ``AxisType.Auto``: jax 0.10 defaults to ``Explicit``, under which
 flax.linen's sharding constraints are rejected.
+
+The same code builds the mesh over a real slice and over the compile-only
+devices of a named topology (``parallel/topology.py``): ``mesh_utils`` lays
+the axes onto the torus from the chip coordinates, so a host may hold several
+separate blocks of the batch (``parallel/batch.py`` handles that).
 """
 
 import logging
@@ -56,7 +61,16 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tupl
 
 
 def _num_slices(devices: Sequence[Any]) -> int:
-  return len({getattr(d, 'slice_index', 0) for d in devices})
+  # Compile-only devices of a single-slice topology have slice_index None.
+  return len({getattr(d, 'slice_index', None) or 0 for d in devices})
+
+
+def _torus_grid(make, *args) -> np.ndarray:
+  """``mesh_utils`` layout; splits physical axes only when the logical ones do not fit."""
+  try:
+    return make(*args)
+  except (ValueError, NotImplementedError, AssertionError):
+    return make(*args, allow_split_physical_axes=True)
 
 
 def _multislice_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
@@ -67,7 +81,7 @@ def _multislice_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarr
       dcn = [1, 1, 1]
       dcn[axis] = slices
       ici = [s // d for s, d in zip(shape, dcn)]
-      return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+      return _torus_grid(mesh_utils.create_hybrid_device_mesh, ici, dcn, devices)
   raise ValueError(
       f'{slices} TPU slices: mesh data={shape[0]} or fsdp={shape[1]} must be a multiple of '
       'the slice count so that only that axis crosses the data-centre network')
@@ -78,10 +92,7 @@ def device_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
   if _num_slices(devices) > 1:
     return _multislice_grid(shape, devices)
   if devices[0].platform == 'tpu':
-    try:
-      return mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, NotImplementedError, AssertionError):
-      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return _torus_grid(mesh_utils.create_device_mesh, shape, devices)
   # CPU / GPU: hosts are processes; process-major order keeps inner axes on one host.
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   return np.array(ordered, dtype=object).reshape(shape)

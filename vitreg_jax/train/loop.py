@@ -66,6 +66,21 @@ def _check_finite(step: int, losses, last_saved: int | None) -> None:
         'raise optim.clip_grad / use float32.')
 
 
+class BrokenInvariantError(RuntimeError):
+  pass
+
+
+def _check_zero(step: int, fetched, names) -> None:
+  """Metrics a recipe promises to keep at exactly 0 (e.g. iBOT patches dropped from its budget)."""
+  for name in names:
+    bad = [float(m[name]) for m in fetched if float(m[name]) != 0.0]
+    if bad:
+      raise BrokenInvariantError(
+          f'{name} = {bad[0]:g} at or before step {step}, but this run promises 0: the data '
+          'pipeline and the train step disagree (e.g. the iBOT masks were not stratified within '
+          'config.group_size images); stopping before the state is saved')
+
+
 def _export(recipe, state, config, workdir: str) -> None:
   """The trained backbone in every configured format, under ``workdir/export/FORMAT``."""
   if not hasattr(recipe, 'teacher_backbone'):
@@ -121,11 +136,14 @@ def run(config, workdir: str) -> dict:
   sharded = sharded_lib.from_config(config)
   recipe = sharded.recipe
   global_batch = recipes.global_batch_size(config)
-  sharded.batch_layout(global_batch)  # fails early, naming the numbers, if it does not divide
+  # Fails early, naming the numbers, if the batch does not divide; says which data shard
+  # this process reads (processes holding the same rows read the same one).
+  layout = sharded.batch_layout(global_batch)
   total_steps = int(recipe.total_steps)
   train_cfg = config.train
 
-  data_iter = pipeline.build_train_pipeline(config, seed=config.seed)
+  data_iter = pipeline.build_train_pipeline(config, shard_index=layout.shard_index,
+                                            num_shards=layout.num_shards, seed=config.seed)
   ckpt = checkpoint.RunCheckpointer(
       os.path.join(workdir, 'checkpoints'), save_every=train_cfg.checkpoint_every,
       keep=train_cfg.keep_checkpoints, best_metric='knn_top1')
@@ -159,6 +177,7 @@ def run(config, workdir: str) -> dict:
       if log_now or save_now:
         fetched = jax.device_get(pending)
         _check_finite(step, [m['loss'] for m in fetched], last_saved)
+        _check_zero(step, fetched, recipe.zero_metrics)
         elapsed = time.perf_counter() - window_start
         seconds_per_step = elapsed / max(window_steps, 1)
         first = step - len(fetched) + 1

@@ -27,6 +27,7 @@ class ShardedRecipe:
     self.state_shardings = state_lib.state_shardings(self.abstract_state, mesh, rules)
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self._steps = {}
+    self._layouts = {}
 
   # --- state -------------------------------------------------------------
   def init(self, rng: jax.Array) -> state_lib.TrainState:
@@ -42,7 +43,11 @@ class ShardedRecipe:
 
   # --- batches -----------------------------------------------------------
   def batch_layout(self, global_batch_size: int) -> batch_lib.BatchLayout:
-    return batch_lib.batch_layout(self.mesh, self.rules, global_batch_size)
+    """This process's row blocks and data shard (see ``parallel/batch.py``)."""
+    if global_batch_size not in self._layouts:
+      self._layouts[global_batch_size] = batch_lib.batch_layout(
+          self.mesh, self.rules, global_batch_size)
+    return self._layouts[global_batch_size]
 
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
     return batch_lib.batch_shardings(self.recipe.batch_axes, batch, self.mesh, self.rules)

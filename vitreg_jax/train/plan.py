@@ -1,19 +1,26 @@
-"""Pod-scale memory planner: compile a recipe's train step for N devices, allocate nothing.
+"""Pod-scale memory planner: compile a recipe's train step for a pod, allocate nothing.
 
 The step is lowered on abstract inputs (``ShapeDtypeStruct`` with shardings)
-and compiled ahead of time; XLA's memory analysis then gives the per-device
-argument, output and temporary bytes, and its cost analysis the FLOPs of the
-per-device program. State bytes per device are exact (shard shapes of the
-params, optimizer state and recipe extras such as an EMA teacher).
+and compiled ahead of time; the compiler's memory analysis then gives the
+per-device argument, output and temporary bytes, and its cost analysis the
+FLOPs of the per-device program. State bytes per device are exact (shard
+shapes of the params, optimizer state and recipe extras such as an EMA
+teacher).
 
-The devices are simulated host (CPU) devices —
-``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which
-``python -m vitreg_jax.main --mode=plan --plan.devices=N`` sets up. (An
-``AbstractMesh`` lowers without devices but cannot be compiled, and compiling
-for a TPU topology without TPUs needs libtpu.) The partitioning, hence the
-state bytes, is exactly the TPU run's; FLOPs and temporaries are the CPU
-compiler's view of the same partitioned program: an estimate of the TPU's
-(the TPU fuses more; the CPU may keep bf16 matmul operands in float32).
+Two ways to get devices to compile for:
+
+* ``topology='v5e:16x16'``: the compile-only devices of a TPU slice from
+  libtpu (``parallel/topology.py``). The TPU compiler itself produces every
+  number, on a host without TPUs. The primary plan.
+* ``num_devices=N``: N simulated host devices (``XLA_FLAGS=
+  --xla_force_host_platform_device_count=N``, set up by ``--plan.devices``),
+  the fallback without libtpu. The partitioning, hence the state bytes, is the
+  TPU run's; FLOPs and temporaries are XLA:CPU's view of the same program (the
+  TPU fuses more; the CPU may keep bf16 matmul operands in float32).
+
+XLA's cost analysis counts a scanned loop body once, so with scanned blocks
+its FLOPs are about 1/depth of the real ones; the analytic model FLOPs
+(``recipe.analytic_flops``) are the headline.
 """
 
 import dataclasses
@@ -25,10 +32,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from vitreg_jax.parallel import topology as topology_lib
 from vitreg_jax.train import recipes
-from vitreg_jax.train.sharded import ShardedRecipe
+from vitreg_jax.train import sharded as sharded_lib
 
 GIB = 1024 ** 3
+# HBM assumed for simulated devices when none is given: a v5e chip's.
+DEFAULT_HBM_GIB = 16.0
 
 
 def format_bytes(n: float) -> str:
@@ -61,6 +71,12 @@ class Plan:
   xla_flops_per_device: float
   analytic_flops_per_step: float
   compile_seconds: float
+  compiler: str = ''            # who produced the memory / FLOP numbers
+  topology: str | None = None   # the TPU topology compiled for; None: simulated devices
+  num_slices: int = 1
+  num_hosts: int = 1            # processes of the topology (a TPU host each)
+  arch: str = ''
+  remat_policy: str = ''
   notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
@@ -73,12 +89,16 @@ class Plan:
     return self.peak_bytes <= self.hbm_bytes
 
   @property
+  def tpu_compiled(self) -> bool:
+    return self.topology is not None
+
+  @property
   def analytic_flops_per_device(self) -> float:
     return self.analytic_flops_per_step / self.num_devices
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    d.update(peak_bytes=self.peak_bytes, fits=self.fits,
+    d.update(peak_bytes=self.peak_bytes, fits=self.fits, tpu_compiled=self.tpu_compiled,
              analytic_flops_per_device=self.analytic_flops_per_device)
     return d
 
@@ -87,21 +107,28 @@ class Plan:
 
   def table(self) -> str:
     mesh = ' x '.join(f'{k}={v}' for k, v in self.mesh.items())
+    slices = f' x {self.num_slices} slices' if self.num_slices > 1 else ''
+    hosts = f'{self.num_hosts} host' + ('s' if self.num_hosts > 1 else '')
+    where = (f'TPU topology {self.topology}{slices} ({hosts})' if self.tpu_compiled
+             else 'simulated host devices')
     rows = [(f'{k} (state)', v) for k, v in self.state_bytes.items()] + [
-        ('arguments (XLA)', self.argument_bytes),
-        ('outputs not donated (XLA)', self.output_bytes - self.alias_bytes),
-        ('temporaries (XLA)', self.temp_bytes),
+        ('arguments', self.argument_bytes),
+        ('outputs not donated', self.output_bytes - self.alias_bytes),
+        ('temporaries', self.temp_bytes),
         ('peak estimate', self.peak_bytes),
         ('HBM', self.hbm_bytes)]
     lines = [f'plan: {self.num_devices} devices, mesh {mesh}, strategy {self.strategy}, '
              f'global batch {self.global_batch_size} '
              f'({self.global_batch_size / self.num_devices:g} per device)',
+             f'  compiler: {self.compiler}, for {where}',
+             f'  model: {self.arch}, remat {self.remat_policy}',
              '  per device:']
     lines += [f'    {name:28s} {format_bytes(b):>12s}' for name, b in rows]
     lines.append(f'  fits: {"yes" if self.fits else "NO"} '
                  f'({100 * self.peak_bytes / self.hbm_bytes:.0f}% of HBM)')
-    lines.append(f'  per device per step: {format_flops(self.xla_flops_per_device)} (XLA cost '
-                 f'analysis), {format_flops(self.analytic_flops_per_device)} (analytic, matmuls)')
+    lines.append(f'  per device per step: {format_flops(self.analytic_flops_per_device)} '
+                 f'(analytic, matmuls), {format_flops(self.xla_flops_per_device)} (XLA cost '
+                 'analysis)')
     lines.append(f'  compile time {self.compile_seconds:.1f}s')
     lines += [f'  note: {n}' for n in self.notes]
     return '\n'.join(lines)
@@ -113,7 +140,7 @@ def _per_device_bytes(tree: Any, shardings: Any) -> int:
   return int(sum(jax.tree.leaves(jax.tree.map(one, tree, shardings))))
 
 
-def state_bytes_per_device(sharded: ShardedRecipe) -> dict[str, int]:
+def state_bytes_per_device(sharded: sharded_lib.ShardedRecipe) -> dict[str, int]:
   """Per-device bytes of each part of the train state."""
   state = sharded.abstract_sharded_state()
   shardings = sharded.state_shardings
@@ -125,18 +152,19 @@ def state_bytes_per_device(sharded: ShardedRecipe) -> dict[str, int]:
   return out
 
 
-def plan(sharded: ShardedRecipe, global_batch_size: int, hbm_gib: float,
+def plan(sharded: sharded_lib.ShardedRecipe, global_batch_size: int, hbm_gib: float,
          strategy: str = '') -> Plan:
   """Compiles ``sharded``'s train step on abstract inputs and reports its memory."""
+  device = sharded.mesh.devices.flat[0]
   start = time.perf_counter()
   compiled = sharded.lower(global_batch_size).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
+  if memory is None:
+    raise RuntimeError(f'the {device.platform} compiler gives no memory analysis')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  notes = []
-  if memory is None:
-    raise RuntimeError(f'the {jax.default_backend()} compiler gives no memory analysis')
+  tpu = device.platform == 'tpu'
   return Plan(
       num_devices=sharded.mesh.size, mesh=dict(sharded.mesh.shape), strategy=strategy,
       global_batch_size=global_batch_size, state_bytes=state_bytes_per_device(sharded),
@@ -145,32 +173,56 @@ def plan(sharded: ShardedRecipe, global_batch_size: int, hbm_gib: float,
       alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
       hbm_bytes=int(hbm_gib * GIB), xla_flops_per_device=float(cost.get('flops', 0.0)),
       analytic_flops_per_step=float(sharded.recipe.analytic_flops(global_batch_size)),
-      compile_seconds=seconds, notes=notes)
+      compile_seconds=seconds, compiler=topology_lib.compiler_name(device),
+      num_hosts=len({d.process_index for d in sharded.mesh.devices.flat}) if tpu else 1)
 
 
-def plan_config(config, num_devices: int, hbm_gib: float) -> Plan:
-  """Plans ``config``'s recipe on ``num_devices`` devices of this process.
-
-  The process must already have exactly that many devices (the CLI sets up
-  simulated ones). Attention 'auto' is planned as 'xla', the TPU choice,
-  rather than the CPU's own.
-  """
-  from vitreg_jax.train import sharded as sharded_lib  # pylint: disable=import-outside-toplevel
+def _devices(num_devices: int | None, topology: str | None, num_slices: int) -> list[Any]:
+  if (num_devices is None) == (topology is None):
+    raise ValueError('plan for either a TPU topology (e.g. topology="v5e:16x16") or a number '
+                     f'of simulated devices, not both or neither (got {topology!r}, '
+                     f'{num_devices})')
+  if topology is not None:
+    return topology_lib.devices(topology, num_slices)
   if jax.device_count() != num_devices:
     raise ValueError(
         f'planning for {num_devices} devices but this process has {jax.device_count()}; run '
         f'`python -m vitreg_jax.main --mode=plan --plan.devices={num_devices} --config=...`, '
         'which simulates them')
-  config = config.copy_and_resolve_references()
+  return jax.devices()
+
+
+def plan_config(config, num_devices: int | None = None, hbm_gib: float | None = None, *,
+                topology: str | None = None, num_slices: int = 1) -> Plan:
+  """Plans ``config``'s recipe on a TPU ``topology`` or on ``num_devices`` local devices.
+
+  ``hbm_gib`` defaults to the TPU generation's HBM per chip (16 GiB for
+  simulated devices). Attention 'auto' is planned as 'xla', the TPU choice,
+  rather than the host's own.
+  """
+  devices = _devices(num_devices, topology, num_slices)
   notes = []
+  if hbm_gib is None:
+    if devices[0].platform == 'tpu':
+      hbm_gib = topology_lib.hbm_gib(devices[0])
+    else:
+      hbm_gib = DEFAULT_HBM_GIB
+      notes.append(f'HBM {hbm_gib:g} GiB per device assumed (a v5e chip); set --plan.hbm_gib')
+  config = config.copy_and_resolve_references()
   if config.model.get('attention_impl', 'auto') == 'auto':
     config.model.attention_impl = 'xla'
     notes.append("attention_impl 'auto' planned as 'xla' (the TPU choice)")
   if config.model.get('scan_blocks', False):
     notes.append('scanned blocks: XLA cost analysis counts the loop body once, so its FLOPs '
                  'are about 1/depth of the real ones; the analytic count is the full step')
-  sharded = sharded_lib.from_config(config)
+  if devices[0].platform != 'tpu':
+    notes.append('temporaries and XLA FLOPs are XLA:CPU estimates; install libtpu '
+                 "(pip install -e '.[tpu]') and plan with --plan.topology for the TPU's")
+  sharded = sharded_lib.from_config(config, devices)
   result = plan(sharded, recipes.global_batch_size(config), hbm_gib,
                 strategy=config.sharding.strategy)
+  result.topology, result.num_slices = topology, num_slices
+  result.arch = str(config.model.get('arch', ''))
+  result.remat_policy = str(config.model.get('remat_policy', 'none'))
   result.notes[:0] = notes
   return result
