@@ -144,3 +144,14 @@ def test_bad_config_key_fails_with_valid_choices(tmp_path):
   result = _run(str(tmp_path), ['--config.optim.base_lrr=1.0'], timeout=120)
   assert result.returncode != 0
   assert 'base_lrr' in result.stderr
+
+
+def test_a_broken_zero_invariant_stops_the_run():
+  """The DINOv2 step promises ibot_dropped_patches == 0; the loop stops if it ever is not."""
+  from vitreg_jax.train import dinov2, loop  # pylint: disable=import-outside-toplevel
+  assert 'ibot_dropped_patches' in dinov2.DinoV2Recipe.zero_metrics
+  fine = [{'ibot_dropped_patches': np.float32(0.0)}] * 3
+  loop._check_zero(10, fine, dinov2.DinoV2Recipe.zero_metrics)  # pylint: disable=protected-access
+  broken = fine + [{'ibot_dropped_patches': np.float32(7.0)}]
+  with pytest.raises(loop.BrokenInvariantError, match='ibot_dropped_patches = 7 at or before step 12'):
+    loop._check_zero(12, broken, dinov2.DinoV2Recipe.zero_metrics)  # pylint: disable=protected-access

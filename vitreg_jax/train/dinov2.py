@@ -82,11 +82,6 @@ def head_flops(head: DINOHead, in_dim: int) -> float:
 class DinoV2Recipe:
   """See ``vitreg_jax/train/recipes.py`` for the interface."""
   name = 'dinov2'
-  batch_axes = {
-      'global_crops': ('batch', None, None, None, None),
-      'local_crops': ('batch', None, None, None, None),
-      'masks': ('batch', None, None, None),
-  }
   # Metrics that must stay exactly zero: the data pipeline stratifies mask
   # ratios within the groups the iBOT budget is computed for.
   zero_metrics = ('ibot_dropped_patches',)
@@ -97,6 +92,10 @@ class DinoV2Recipe:
     self.global_size = int(crops.global_crops_size)
     self.local_size = int(crops.local_crops_size)
     self.n_local = int(crops.local_crops_number)
+    self.batch_axes = {'global_crops': ('batch', None, None, None, None),
+                       'masks': ('batch', None, None, None)}
+    if self.n_local:
+      self.batch_axes['local_crops'] = ('batch', None, None, None, None)
     self.global_batch = int(config.data.batch_size)
     self.group = group_size(config)
     self.backbone = backbone_from_config(
@@ -166,11 +165,13 @@ class DinoV2Recipe:
 
   def abstract_batch(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     b, g, l = global_batch_size, self.global_size, self.local_size
-    return {
+    batch = {
         'global_crops': jax.ShapeDtypeStruct((b, 2, g, g, 3), jnp.float32),
-        'local_crops': jax.ShapeDtypeStruct((b, self.n_local, l, l, 3), jnp.float32),
         'masks': jax.ShapeDtypeStruct((b, 2, self.grid, self.grid), jnp.bool_),
     }
+    if self.n_local:
+      batch['local_crops'] = jax.ShapeDtypeStruct((b, self.n_local, l, l, 3), jnp.float32)
+    return batch
 
   # --- the step ------------------------------------------------------------
   def _ibot_head_params(self, params):
@@ -221,7 +222,7 @@ class DinoV2Recipe:
 
   def train_step(self, state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    global_crops, local_crops = batch['global_crops'], batch['local_crops']
+    global_crops, local_crops = batch['global_crops'], batch.get('local_crops')
     masks = batch['masks'].reshape(batch['masks'].shape[:2] + (-1,))  # [B, 2, N]
     selection = ibot.select_masked_patches(jnp.swapaxes(masks, 0, 1), self.group,
                                            self.ibot_budget)
@@ -275,7 +276,8 @@ class DinoV2Recipe:
     rate = self.backbone.drop_path_rate
     if layers.resolve_drop_path_mode(self.backbone.drop_path_mode, rate) != 'subset' or not rate:
       return lambda crops: 1.0
-    return lambda crops: layers.subset_size(crops * self.group, rate) / (crops * self.group)
+    rows = lambda crops: max(crops * self.group, 1)
+    return lambda crops: layers.subset_size(rows(crops), rate) / rows(crops)
 
 
 def group_size(config) -> int:

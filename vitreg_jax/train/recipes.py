@@ -22,6 +22,8 @@ returns has:
   Metrics are scalars averaged over the global batch.
 * ``analytic_flops(global_batch_size) -> float`` — model FLOPs of one step
   (forward + backward, no rematerialisation), for the planner and MFU.
+* ``zero_metrics: tuple[str, ...]`` — metrics the recipe guarantees to be exactly
+  0 (the loop stops the run, before saving, if one is not).
 
 Recipes are imported lazily by name so that a config only pays for its own.
 """
@@ -43,6 +45,7 @@ RECIPES = {
 class Recipe(Protocol):
   name: str
   batch_axes: Mapping[str, tuple[str | None, ...]]
+  zero_metrics: tuple[str, ...]
 
   def init_state(self, rng: jax.Array) -> TrainState: ...
 

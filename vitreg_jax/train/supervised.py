@@ -79,6 +79,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 class SupervisedRecipe:
   """See ``vitreg_jax/train/recipes.py`` for the interface."""
   name = 'supervised'
+  zero_metrics = ()
   batch_axes = {'images': ('batch', None, None, None), 'labels': ('batch',)}
 
   def __init__(self, config):
