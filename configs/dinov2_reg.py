@@ -46,7 +46,7 @@ def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   c.group_size = PER_GPU_BATCH['L/16']
 
   c.model = ml_collections.ConfigDict(dict(
-      arch=arch_name('L/16', registers), drop_path_rate=0.3, drop_path_mode='auto',
+      arch=arch_name('L/16', registers), drop_path_rate=0.3, drop_path_mode='subset',
       layerscale_init=1e-5,
       dtype='bfloat16', scan_blocks=True, remat_policy='dots_no_batch', attention_impl='auto'))
   c.centering = 'centering'  # or 'sinkhorn_knopp'
@@ -135,7 +135,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.variant = 'smoke'
   c.model = ml_collections.ConfigDict(dict(
       arch='vits14_reg', num_registers=c.num_registers, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-      drop_path_rate=0.1, drop_path_mode='auto', layerscale_init=1.0, dtype='float32',
+      drop_path_rate=0.1, drop_path_mode='subset', layerscale_init=1.0, dtype='float32',
       scan_blocks=False, remat_policy='none', attention_impl='auto'))
   # Measured on the embedded data: LayerScale 1e-5 leaves a 300-step model's cls
   # token nearly input-independent (the teacher then collapses to uniform), and

@@ -57,11 +57,9 @@ def test_subset_drop_path_matches_the_reference_formula():
     layers.add_residual_on_subset(x, branch, rate, 5, jax.random.key(1))
 
 
-def test_drop_path_auto_is_dinov2s_rule():
-  assert layers.resolve_drop_path_mode('auto', 0.3) == 'subset'
-  assert layers.resolve_drop_path_mode('auto', 0.1) == 'sample'  # the reference: rate > 0.1
-  with pytest.raises(ValueError, match="valid: \\('sample', 'subset', 'auto'\\)"):
-    layers.resolve_drop_path_mode('bernoulli', 0.3)
+def test_drop_path_mode_is_checked():
+  with pytest.raises(ValueError, match="valid: \\('sample', 'subset'\\)"):
+    VisionTransformer(drop_path_mode='bernoulli').init(jax.random.key(0), jnp.zeros((1, 14, 14, 3)))
 
 
 @pytest.mark.parametrize('mode', ['subset', 'sample'])

@@ -128,16 +128,12 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
-DROP_PATH_MODES = ('sample', 'subset', 'auto')
+DROP_PATH_MODES = ('sample', 'subset')
 
 
-def resolve_drop_path_mode(mode: str, rate: float) -> str:
-  """``auto`` is DINOv2's rule: the exact-size subset above a rate of 0.1, per-sample below."""
+def check_drop_path_mode(mode: str) -> None:
   if mode not in DROP_PATH_MODES:
     raise ValueError(f'drop_path_mode={mode!r}; valid: {DROP_PATH_MODES}')
-  if mode == 'auto':
-    return 'subset' if rate > 0.1 else 'sample'
-  return mode
 
 
 class DropPath(nn.Module):
@@ -192,8 +188,9 @@ class Block(nn.Module):
   """Pre-norm block: ``x + ls1(attn(norm1(x)))``, ``x + ls2(ffn(norm2(x)))``.
 
   In training, ``drop_path_rate`` drops residual branches: per sample
-  (``drop_path_mode='sample'``) or DINOv2's exact subset per group of
-  ``rows / drop_path_groups`` rows (``'subset'``; ``'auto'`` picks as DINOv2 does).
+  (``drop_path_mode='sample'``, timm's) or DINOv2's exact subset per group of
+  ``rows / drop_path_groups`` rows (``'subset'``: what DINOv2's student runs,
+  its nested-tensor forward, at any rate > 0).
   """
   num_heads: int
   mlp_hidden_dim: int
@@ -225,8 +222,8 @@ class Block(nn.Module):
       return scale1(out)
 
     ffn_branch = lambda y: scale2(ffn(norm2(y)))
-    mode = resolve_drop_path_mode(self.drop_path_mode, self.drop_path_rate)
-    if not deterministic and self.drop_path_rate > 0.0 and mode == 'subset':
+    check_drop_path_mode(self.drop_path_mode)
+    if not deterministic and self.drop_path_rate > 0.0 and self.drop_path_mode == 'subset':
       if return_probs:
         raise ValueError('attention maps of a training pass with subset drop path would cover '
                          'only the subset: ask for them with train=False')

@@ -102,7 +102,7 @@ class VisionTransformer(nn.Module):
   class_token: bool = True
   layerscale_init: float | None = 1e-5
   drop_path_rate: float = 0.0
-  drop_path_mode: str = 'sample'  # 'sample' | 'subset' (DINOv2's) | 'auto'; see layers.Block
+  drop_path_mode: str = 'sample'  # 'sample' (timm's) | 'subset' (DINOv2's); see layers.Block
   drop_path_groups: int = 1  # subset mode: row groups (the reference's per-GPU batches)
   img_size: int = 518  # the grid pos_embed was learned on: img_size // patch_size
   interpolate_antialias: bool = True
@@ -130,7 +130,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'num_registers={self.num_registers}; expected 0..64')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}')
-    layers.resolve_drop_path_mode(self.drop_path_mode, self.drop_path_rate)
+    layers.check_drop_path_mode(self.drop_path_mode)
 
   def _tokens(self, images, masks):
     """Patch embed, iBOT mask tokens, cls + pos_embed, then registers."""

@@ -274,7 +274,7 @@ class DinoV2Recipe:
   def _drop_path_kept_fraction(self):
     """Fraction of rows whose residual branches run, per number of crops of one size."""
     rate = self.backbone.drop_path_rate
-    if layers.resolve_drop_path_mode(self.backbone.drop_path_mode, rate) != 'subset' or not rate:
+    if self.backbone.drop_path_mode != 'subset' or not rate:
       return lambda crops: 1.0
     rows = lambda crops: max(crops * self.group, 1)
     return lambda crops: layers.subset_size(rows(crops), rate) / rows(crops)
