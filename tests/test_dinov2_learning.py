@@ -1,16 +1,24 @@
-"""The README's main job learns: DINOv2 smoke training beats random init on kNN.
+"""The README's main job learns: no teacher collapse, kNN above random init at every late eval.
 
 Runs the exact README command (``configs/dinov2_reg.py:smoke`` on the embedded
-dataset, one CPU device) and the same network at random init through
-``--mode=eval --eval_random_init``, on the same val split and bank.
+dataset, one CPU device, 600 steps) and the same network at random init
+through ``--mode=eval --eval_random_init``, on the same val split and bank.
 
-Measured here (jax 0.10.2, CPU, float32, deterministic): random init 19.9-20.3%
-top-1 over seeds 0/1 (6 classes, chance 16.7%); trained smoke run 28.5%. The
-asserted margin, 4 points, is half the measured gap: above the seed-to-seed
-spread of the baseline, below the measured improvement.
+Collapse is a failing condition: DINO's uniform collapse shows as the
+teacher's per-image entropy rising to ln K (the upstream teacher temperature
+did that here: 5.35-5.45 of ln 256 = 5.55 from step ~100 on, with kNN at the
+random-init level by 1200 steps), one-hot collapse as it falling to 0.
+
+Measured here (jax 0.10.2, CPU, float32, deterministic): random init 18.4 /
+21.5 / 21.9% top-1 for seeds 0/1/2 (6 classes, chance 16.7%; the test uses
+seed 0); the trained run's teacher entropy 3.8-3.9 over the second half, kNN
+23.8 / 25.0 / 26.6 / 27.0% at steps 150-600. With upstream's teacher
+temperature the entropy sits at 5.3-5.4 and kNN falls to 21.5% by step 1050
+(README, "The quickstart's result"). The asserted margins sit between.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +26,10 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARGIN_POINTS = 4.0
+PROTOTYPES = 256                 # the smoke preset's K
+ENTROPY_BELOW_UNIFORM = 1.0      # nats below ln K over the whole second half (measured: ~1.7)
+ENTROPY_ABOVE_ONE_HOT = 1.0      # nats above 0 (measured: >= 3.2 after warmup)
+LATE_EVAL_MARGIN_POINTS = 3.0    # every eval of the second half over random init (measured: 5.1-5.5)
 
 
 def _main(*args, timeout=1800):
@@ -30,19 +41,35 @@ def _main(*args, timeout=1800):
   return result
 
 
+def _last_json(result) -> dict:
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_smoke_training_beats_random_init_on_knn(tmp_path):
+def test_smoke_training_learns_without_collapse(tmp_path):
   workdir = str(tmp_path)
   _main(f'--workdir={workdir}')
-  trained = _main(f'--workdir={workdir}', '--mode=eval')
-  baseline = _main('--mode=eval', '--eval_random_init')
-  trained = json.loads(trained.stdout.strip().splitlines()[-1])
-  baseline = json.loads(baseline.stdout.strip().splitlines()[-1])
-  assert trained['knn_top1'] >= baseline['knn_top1'] + MARGIN_POINTS, (trained, baseline)
-  # the loop's own final evaluation agrees with the re-evaluated checkpoint
+  trained = _last_json(_main(f'--workdir={workdir}', '--mode=eval'))
+  baseline = _last_json(_main('--mode=eval', '--eval_random_init'))
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    logged = [json.loads(line) for line in f if 'knn_top1' in line]
-  assert logged[-1]['knn_top1'] == pytest.approx(trained['knn_top1'])
+    records = [json.loads(line) for line in f]
+  last_step = max(r['step'] for r in records)
+  entropy = {r['step']: r['teacher_entropy'] for r in records if 'teacher_entropy' in r}
+  knn = {r['step']: r['knn_top1'] for r in records if 'knn_top1' in r}
+
+  late_entropy = [v for s, v in entropy.items() if s > last_step / 2]
+  assert late_entropy, entropy
+  assert max(late_entropy) <= math.log(PROTOTYPES) - ENTROPY_BELOW_UNIFORM, (
+      f'teacher collapsed to uniform: entropy {late_entropy} vs ln K {math.log(PROTOTYPES):.2f}')
+  assert min(late_entropy) >= ENTROPY_ABOVE_ONE_HOT, f'teacher collapsed to one-hot: {late_entropy}'
+
+  # learning is not a transient: every eval of the second half beats random init
+  late_knn = {s: v for s, v in knn.items() if s > last_step / 2}
+  assert len(late_knn) >= 2, knn
+  for step, value in late_knn.items():
+    assert value >= baseline['knn_top1'] + LATE_EVAL_MARGIN_POINTS, (step, knn, baseline)
+  # the loop's own final evaluation agrees with the re-evaluated checkpoint
+  assert knn[last_step] == pytest.approx(trained['knn_top1'])
   for fmt in ('vitreg/config.json', 'hf/config.json', 'timm_model.safetensors',
               'dinov2_backbone.pth'):
     assert os.path.exists(os.path.join(workdir, 'export', fmt)), fmt
