@@ -4,9 +4,9 @@ Each case is a config, a TPU topology, a strategy and optionally a remat
 policy. The planner runs in a subprocess per case, one at a time (a ViT-g
 compile for 256 chips takes minutes and both cores of a small host), with
 the TPU compiler when libtpu is installed and XLA:CPU on simulated devices
-otherwise (the table says which). The global batch is set to
-``--per_chip_batch`` x chips, so rows of different slice sizes compare at the
-same per-chip batch.
+otherwise (the table says which). Each case keeps its config's global batch
+unless it overrides it, or ``--per_chip_batch`` sets it to that x chips for
+every case.
 
   python experiments/plan_pods.py --out=experiments/pod_plan.md            # default cases
   python experiments/plan_pods.py --out=/tmp/t.md --per_chip_batch=4 \\
@@ -37,13 +37,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 STRATEGIES = ('dp', 'fsdp', 'fsdp_tp')
-# The README's DINOv2 rows. g/14: the preset's group of 12 images (the
-# reference's per-GPU batch) does not divide 16 images per chip.
+# The README's DINOv2 rows: each preset as shipped on v5e-256 (no overrides:
+# L/14 1024 images = 4 per chip, g/14 3072 = 12 per chip, the reference's
+# batch), the same per-chip batch on v5e-64, and the tensor-parallel variant.
+_PRESET_BATCH = {'L/14': 1024, 'g/14': 3072}
 DEFAULT_CASES = tuple(
     f'configs/dinov2_reg.py:variant={variant} {topology} {strategy}{extra}'
-    for variant, extra in (('L/14', ''), ('g/14', ' --config.group_size=16'))
-    for topology in ('v5e:8x8', 'v5e:16x16')
-    for strategy in ('fsdp', 'fsdp_tp:4'))
+    for variant, batch in _PRESET_BATCH.items()
+    for topology, strategy, extra in (
+        ('v5e:16x16', 'fsdp', ''),
+        ('v5e:8x8', 'fsdp', f' --config.data.batch_size={batch // 4}'),
+        ('v5e:16x16', 'fsdp_tp:4', '')))
 
 
 @dataclasses.dataclass
@@ -182,10 +186,10 @@ def main() -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', required=True, help='markdown table to write')
   parser.add_argument('--json', help='also the rows as JSON (default: OUT with .json)')
-  parser.add_argument('--case', action='append', help='a case; repeat; default: DINOv2 L/14 '
-                      'and g/14 on v5e:8x8 and v5e:16x16, fsdp and fsdp_tp')
-  parser.add_argument('--per_chip_batch', type=int, default=16,
-                      help='global batch = this x chips; 0 keeps the config\'s batch')
+  parser.add_argument('--case', action='append', help='a case; repeat; default: the DINOv2 '
+                      'L/14 and g/14 presets on v5e:16x16 (fsdp, fsdp_tp) and v5e:8x8 (fsdp)')
+  parser.add_argument('--per_chip_batch', type=int, default=0,
+                      help='global batch = this x chips; 0 (default) keeps each case\'s batch')
   parser.add_argument('--override', action='append', default=[],
                       help='a --config.key=value flag for every case; repeat')
   parser.add_argument('--timeout', type=int, default=1800, help='seconds per case')
