@@ -1,0 +1,126 @@
+"""What asynchronous Orbax checkpoints cost the training loop: step time with and without saves.
+
+The same DINOv2 train steps run twice in one process, on the same state and
+batch: once without checkpoints (the reference), once saving the whole train
+state every ``--every`` steps through ``vitreg_jax.checkpoint.RunCheckpointer``
+(async, as the loop does). Printed: the median step time of each run, the
+time of the steps that started a save against the other steps, and the
+overhead of the saving run over the reference (total time, the save wait at
+the end included). Models:
+
+* ``smoke``: the README's quickstart (``configs/dinov2_reg.py:smoke``), a few MB of state;
+* ``vitb``: the ViT-B/14 preset's state (student + EMA teacher + AdamW moments +
+  65536-prototype heads, ~1.6 GB) at batch 2, 2 global 224² + 2 local 98² crops.
+
+  python experiments/benchmarks/checkpoint_overhead.py --model smoke --steps 60 --every 10
+  python experiments/benchmarks/checkpoint_overhead.py --model vitb --steps 12 --every 4
+
+Run on a quiet machine: the load average before and after is printed, and a
+run taken under load is flagged.
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUIET_LOAD = 0.5
+
+
+def load_config(model: str):
+  spec = importlib.util.spec_from_file_location('dinov2_reg', os.path.join(REPO, 'configs', 'dinov2_reg.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if model == 'smoke':
+    config = module.get_config('smoke')
+  else:
+    config = module.get_config('variant=B/14')
+    config.model.update(dtype='float32', scan_blocks=False, remat_policy='none')
+    config.augment.local_crops_number = 2
+    config.data.batch_size = config.group_size = 2
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.sharding.strategy = 'dp'
+  return config
+
+
+def state_bytes(state) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def run_steps(sharded, state, batch, steps: int, checkpointer=None, every: int = 0, config=None):
+  """Per-step wall times (each step waits for its metrics, as a logging step does)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  key = jax.random.key(0)
+  times, saved = [], []
+  for step in range(1, steps + 1):
+    start = time.perf_counter()
+    state, metrics = sharded.train_step(state, batch, key)
+    jax.block_until_ready(metrics)
+    if checkpointer is not None and step % every == 0:
+      checkpointer.save(step, state, None, config, force=True)
+      saved.append(step)
+    times.append(time.perf_counter() - start)
+  start = time.perf_counter()
+  if checkpointer is not None:
+    checkpointer.wait()
+  return state, np.asarray(times), saved, time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', choices=('smoke', 'vitb'), default='smoke')
+  parser.add_argument('--steps', type=int, default=60)
+  parser.add_argument('--every', type=int, default=10)
+  args = parser.parse_args()
+  load_before = os.getloadavg()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from vitreg_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import sharded as sharded_lib  # pylint: disable=import-outside-toplevel
+
+  config = load_config(args.model)
+  sharded = sharded_lib.from_config(config, devices=jax.devices()[:1])
+  state = sharded.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  abstract = sharded.recipe.abstract_batch(config.data.batch_size)
+  local = {k: (rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32
+               else rng.random(v.shape) < 0.25) for k, v in abstract.items()}
+  batch = sharded.global_batch(local, config.data.batch_size)
+  state, _, _, _ = run_steps(sharded, state, batch, 2)  # compile and warm up
+
+  workdir = tempfile.mkdtemp(prefix='ckpt_bench_')
+  try:
+    state, plain, _, _ = run_steps(sharded, state, batch, args.steps)
+    ckpt = checkpoint.RunCheckpointer(workdir, save_every=args.every, keep=2)
+    state, saving, saved, final_wait = run_steps(sharded, state, batch, args.steps, ckpt,
+                                                 args.every, config)
+    ckpt.close()
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  load_after = os.getloadavg()
+
+  at_save = saving[np.asarray(saved) - 1]
+  others = np.delete(saving, np.asarray(saved) - 1)
+  overhead = (saving.sum() + final_wait) / plain.sum() - 1
+  print(f'DINOv2 {args.model}: state {state_bytes(state) / 2**20:.1f} MiB, batch '
+        f'{config.data.batch_size}, {args.steps} steps, a save every {args.every} steps '
+        f'({len(saved)} saves), jax {jax.__version__} on {jax.default_backend()}')
+  print(f'step time, no checkpoints (reference): median {np.median(plain) * 1e3:.1f} ms')
+  print(f'step time, saving run: median {np.median(others) * 1e3:.1f} ms at other steps, '
+        f'{np.median(at_save) * 1e3:.1f} ms at save steps (save call included), '
+        f'{final_wait * 1e3:.0f} ms waiting for the last save')
+  print(f'overhead of checkpointing: {100 * overhead:+.1f}% of total step time '
+        f'(save steps alone: {100 * (np.median(at_save) / np.median(plain) - 1):+.1f}%)')
+  print(f'load average before {load_before[0]:.2f}, after {load_after[0]:.2f}'
+        + ('' if max(load_before[0], load_after[0]) < QUIET_LOAD else
+           f'  -- WARNING: the machine was busy (> {QUIET_LOAD}): not a result'))
+
+
+if __name__ == '__main__':
+  main()
