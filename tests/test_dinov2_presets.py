@@ -70,8 +70,8 @@ def smoke_sized(variant: str):
   config = load('dinov2_reg.py', f'variant={variant}')
   patch = int(variant.split('/')[1])
   group = 4
-  config.model.update(embed_dim=32, depth=2, num_heads=2, dtype='float32')
-  config.augment.update(global_crops_size=2 * patch, local_crops_size=patch, local_crops_number=2,
+  config.model.update(embed_dim=32, depth=1, num_heads=2, dtype='float32')
+  config.augment.update(global_crops_size=2 * patch, local_crops_size=patch, local_crops_number=1,
                         eval_resize_size=2 * patch, eval_crop_size=2 * patch)
   config.masking.update(mask_probability=0.5, ratio_min_max=(0.1, 0.5))
   for head in (config.dino, config.ibot):
