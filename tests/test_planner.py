@@ -296,7 +296,17 @@ def test_plan_pods_commands_keep_the_per_chip_batch():
   assert '--config.input.global_batch_size=16' in argv and '--config.mesh.data=-1' in argv
   with pytest.raises(ValueError, match=r"strategy 'zero3'; valid"):
     plan_pods.Case.parse('configs/supervised.py:smoke v5e:2x2 zero3')
-  assert len(plan_pods.DEFAULT_CASES) == 8
+  # The README rows: presets as shipped on v5e-256, the same per-chip batch on v5e-64.
+  per_chip = {}
+  for text in plan_pods.DEFAULT_CASES:
+    case = plan_pods.Case.parse(text)
+    argv = plan_pods.command(case, 0, (), 'P.json')
+    flags = [a for a in argv if a.startswith('--config.data.batch_size=')]
+    assert (case.topology == 'v5e:16x16') == (not flags), text  # 256 chips: no override
+    variant = case.config.partition('variant=')[2]
+    batch = int(flags[0].partition('=')[2]) if flags else {'L/14': 1024, 'g/14': 3072}[variant]
+    per_chip.setdefault(variant, set()).add(batch / plan_pods.chips(case.topology))
+  assert per_chip == {'L/14': {4.0}, 'g/14': {12.0}}
 
 
 def test_plan_pods_table_has_one_row_per_case(plan8):
