@@ -15,7 +15,10 @@ one by ``best_metric`` when the run reports it.
 import json
 
 from absl import logging
+from etils import epath
 import grain
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -63,22 +66,65 @@ class RunCheckpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items),
                               metrics=metrics, force=force)
 
-  def restore(self, abstract_state, data_iterator, step: int | None = None):
-    """Restores ``step`` (default: latest) into the shardings of ``abstract_state``.
+  def restore(self, abstract_state, data_iterator, step: int | None = None,
+              set_aside_unreadable: bool = False):
+    """Restores ``step`` (default: the newest readable) into ``abstract_state``'s shardings.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings
     (from ``jax.eval_shape`` + the sharding rules). The data iterator is
-    restored in place. Returns ``(state, step)``.
+    restored in place. Without ``step``, a checkpoint that cannot be read (a
+    save cut short by a crash, a truncated file) is reported and skipped for
+    the next older one; nothing is deleted. A resuming run passes
+    ``set_aside_unreadable``: the unreadable steps move to
+    ``<directory>.unreadable/`` so the run can save those steps again.
+    Returns ``(state, step)``.
     """
-    step = self.latest_step if step is None else step
-    if step is None:
+    candidates = sorted(self._manager.all_steps(), reverse=True) if step is None else [step]
+    if not candidates:
       raise FileNotFoundError(f'no checkpoint in {self._manager.directory}')
+    first_error = None
+    for candidate in candidates:
+      try:
+        state = self._restore_step(abstract_state, data_iterator, candidate)
+      except Exception as error:  # pylint: disable=broad-except  (tensorstore, orbax, json)
+        if step is not None:
+          raise
+        first_error = first_error or error
+        logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the '
+                        'previous one (kept on disk)', candidate, self._manager.directory,
+                        type(error).__name__, str(error).splitlines()[0][:200])
+        continue
+      unreadable = [c for c in candidates if c > candidate]
+      if unreadable:
+        logging.warning('restored step %d: the newer checkpoint(s) %s could not be read',
+                        candidate, unreadable)
+        if set_aside_unreadable:
+          self._set_aside(unreadable)
+      logging.info('restored checkpoint at step %d from %s', candidate, self._manager.directory)
+      return state, candidate
+    raise RuntimeError(f'no readable checkpoint in {self._manager.directory} '
+                       f'(tried steps {candidates})') from first_error
+
+  def _set_aside(self, steps) -> None:
+    """Moves unreadable step directories beside the checkpoints (kept, never deleted)."""
+    directory = epath.Path(self._manager.directory)
+    aside = directory.parent / f'{directory.name}.unreadable'
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        while target.exists():
+          target = target.parent / f'{target.name}_'
+        (directory / str(step)).rename(target)
+        logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
+    multihost_utils.sync_global_devices('vitreg_jax.checkpoint.set_aside')
+    self._manager.reload()
+
+  def _restore_step(self, abstract_state, data_iterator, step: int):
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info('restored checkpoint at step %d from %s', step, self._manager.directory)
-    return restored['state'], step
+    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step if step is None else step

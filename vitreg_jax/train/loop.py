@@ -148,7 +148,8 @@ def run(config, workdir: str) -> dict:
       os.path.join(workdir, 'checkpoints'), save_every=train_cfg.checkpoint_every,
       keep=train_cfg.keep_checkpoints, best_metric='knn_top1')
   if ckpt.latest_step is not None:
-    state, start_step = ckpt.restore(sharded.abstract_sharded_state(), data_iter)
+    state, start_step = ckpt.restore(sharded.abstract_sharded_state(), data_iter,
+                                     set_aside_unreadable=True)
     logging.info('resuming from step %d', start_step)
   else:
     state, start_step = sharded.init(jax.random.key(config.seed)), 0
