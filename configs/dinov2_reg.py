@@ -20,7 +20,7 @@ Facts: shared/REFERENCE.md §3 and dinov2/configs/{ssl_default_config,train/*}.y
 
 import ml_collections
 
-from vitreg_jax import config_args
+from vitreg_jax import config as config_lib
 
 NUM_REGISTERS = 4
 VARIANTS = ('S/14', 'B/14', 'L/16', 'L/14', 'g/14')
@@ -30,24 +30,33 @@ PER_GPU_BATCH = {'S/14': 64, 'B/14': 64, 'L/16': 64, 'L/14': 32, 'g/14': 12}
 GLOBAL_BATCH = {'g/14': 3072}
 
 
-def arch_name(variant: str, registers: int) -> str:
+def arch_name(variant: str) -> str:
   size, patch = variant.split('/')
-  reg = f'_reg{registers}' if registers else ''
-  return f'vit{size.lower()}{patch}{reg}'
+  return f'vit{size.lower()}{patch}'
 
 
 def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   """Upstream ``ssl_default_config`` (ViT-L/16, ImageNet-1k short) plus registers."""
-  c = ml_collections.ConfigDict()
-  c.trainer = 'dinov2'
-  c.seed = 0
-  c.variant = 'L/16'
-  c.num_registers = registers
+  c = config_lib.base_config(
+      'dinov2',
+      data=dict(source='tfds', name='imagenet2012', split='train', eval_split='validation',
+                batch_size=1024, num_workers=8, shuffle=True),
+      optim=dict(optimizer='adamw', epochs=100, epoch_length=1250, weight_decay=0.04,
+                 weight_decay_end=0.4, base_lr=4e-3, warmup_epochs=10, min_lr=1e-6,
+                 clip_grad=3.0, clip_by='submodule', freeze_last_layer_epochs=1,
+                 scaling_rule='sqrt_wrt_1024', patch_embed_lr_mult=0.2, layerwise_decay=0.9,
+                 b1=0.9, b2=0.999),
+      train=dict(log_every=50, checkpoint_every=1250, keep_checkpoints=3, eval_every=12500,
+                 export_formats=('vitreg', 'dinov2', 'timm', 'hf'),
+                 peak_flops_per_device=197e12),  # TPU v5e bf16; set for your accelerator (MFU)
+      eval=dict(knn_ks=(10, 20, 100, 200), knn_temperature=0.07, train_split='train',
+                max_train_examples=0, max_eval_examples=0),  # 0: the whole split
+      mesh={'data': 1, 'fsdp': -1, 'tensor': 1},
+      sharding={'strategy': 'fsdp'})
   c.group_size = PER_GPU_BATCH['L/16']
-
   c.model = ml_collections.ConfigDict(dict(
-      arch=arch_name('L/16', registers), drop_path_rate=0.3, drop_path_mode='subset',
-      layerscale_init=1e-5,
+      arch=arch_name('L/16'), num_registers=registers, drop_path_rate=0.3,
+      drop_path_mode='subset', layerscale_init=1e-5,
       dtype='bfloat16', scan_blocks=True, remat_policy='dots_no_batch', attention_impl='auto'))
   c.centering = 'centering'  # or 'sinkhorn_knopp'
   c.dino = ml_collections.ConfigDict(dict(
@@ -59,45 +68,20 @@ def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(
       momentum_teacher=0.992, final_momentum_teacher=1.0, warmup_teacher_temp=0.04,
       teacher_temp=0.07, warmup_teacher_temp_epochs=30))
-  c.optim = ml_collections.ConfigDict(dict(
-      epochs=100, epoch_length=1250, weight_decay=0.04, weight_decay_end=0.4, base_lr=4e-3,
-      warmup_epochs=10, min_lr=1e-6, clip_grad=3.0, freeze_last_layer_epochs=1,
-      scaling_rule='sqrt_wrt_1024', patch_embed_lr_mult=0.2, layerwise_decay=0.9,
-      adamw_beta1=0.9, adamw_beta2=0.999))
-
-  c.data = ml_collections.ConfigDict(dict(
-      source='tfds', name='imagenet2012', split='train', eval_split='validation',
-      data_dir=ml_collections.FieldReference(None, field_type=str), batch_size=1024,
-      num_workers=8, shuffle=True))
   c.augment = ml_collections.ConfigDict(dict(
       global_crops_size=224, local_crops_size=96, local_crops_number=8,
       global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32),
       blur_probs='as_trained'))  # 'intended' for the BYOL/DINO values (REFERENCE §3)
   c.masking = ml_collections.ConfigDict(dict(
       patch_size=16, mask_probability=0.5, ratio_min_max=(0.1, 0.5)))
-
-  c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-  c.sharding = ml_collections.ConfigDict({'strategy': 'fsdp'})
-  c.distributed = ml_collections.ConfigDict(
-      {'mode': 'auto', 'coordinator_address': '', 'num_processes': 0, 'process_id': -1})
-
-  c.train = ml_collections.ConfigDict(dict(
-      log_every=50, checkpoint_every=1250, keep_checkpoints=3, eval_every=12500,
-      export_formats=('vitreg', 'dinov2', 'timm', 'hf'),
-      peak_flops_per_device=197e12))  # TPU v5e bf16; set for your accelerator (MFU)
-  c.eval = ml_collections.ConfigDict(dict(
-      knn_ks=(10, 20, 100, 200), knn_temperature=0.07, train_split='train',
-      max_train_examples=0, max_eval_examples=0))  # 0: the whole split
   return c
 
 
 def set_variant(c: ml_collections.ConfigDict, variant: str) -> None:
   """Model + recipe of one of the paper's settings (REFERENCE §3)."""
-  if variant not in VARIANTS:
-    raise ValueError(f'variant={variant!r}; valid: {VARIANTS}')
-  c.variant = variant
+  config_lib.check_choice(variant, VARIANTS, 'variant')
   patch = int(variant.split('/')[1])
-  c.model.arch = arch_name(variant, c.num_registers)
+  c.model.arch = arch_name(variant)
   c.masking.patch_size = patch
   c.group_size = PER_GPU_BATCH[variant]
   c.data.batch_size = GLOBAL_BATCH.get(variant, 1024)
@@ -125,21 +109,16 @@ def set_variant(c: ml_collections.ConfigDict, variant: str) -> None:
 def set_registers(c: ml_collections.ConfigDict, value: str) -> None:
   registers = int(value)
   if not 0 <= registers <= 64:
-    raise ValueError(f'registers={registers}; expected 0..64')
-  c.num_registers = registers
-  if c.variant == 'smoke':
-    c.model.num_registers = registers
-  else:
-    c.model.arch = arch_name(c.variant, registers)
+    raise config_lib.ConfigError(f'registers={registers}; expected 0..64')
+  c.model.num_registers = registers
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """A 4-block ViT on 32x32 crops of the embedded dataset: minutes on 2 CPU cores."""
-  c.variant = 'smoke'
   c.model = ml_collections.ConfigDict(dict(
-      arch='vits14_reg', num_registers=c.num_registers, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-      drop_path_rate=0.1, drop_path_mode='subset', layerscale_init=1.0, dtype='float32',
-      scan_blocks=False, remat_policy='none', attention_impl='auto'))
+      arch='vits14', num_registers=c.model.num_registers, patch_size=8, embed_dim=96, depth=4,
+      num_heads=3, drop_path_rate=0.1, drop_path_mode='subset', layerscale_init=1.0,
+      dtype='float32', scan_blocks=False, remat_policy='none', attention_impl='auto'))
   # Departures from upstream, each measured on the embedded data (README, "The
   # quickstart's result"; experiments/dinov2_smoke_curves.py):
   # * LayerScale 1 (upstream 1e-5): at 1e-5 a few-hundred-step model's cls token
@@ -158,13 +137,13 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.teacher.update(momentum_teacher=0.996, warmup_teacher_temp=0.03, teacher_temp=0.03,
                    warmup_teacher_temp_epochs=2)
   c.optim.update(epochs=12, epoch_length=50, warmup_epochs=1, base_lr=6e-3)
-  c.data = ml_collections.ConfigDict(dict(
-      source='embedded', split='train', eval_split='val', batch_size=32, num_workers=0,
-      shuffle=True, embedded=dict(image_size=48, num_train=1024, num_val=256, num_classes=6)))
+  c.data.update(source='embedded', name='', split='train', eval_split='val', batch_size=32,
+                num_workers=0, shuffle=True,
+                embedded=dict(image_size=48, num_train=1024, num_val=256, num_classes=6))
   c.augment.update(global_crops_size=32, local_crops_size=16, local_crops_number=4,
                    eval_resize_size=36, eval_crop_size=32)
   c.masking.patch_size = 8
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.sharding.strategy = 'dp'
   c.train.update(log_every=25, checkpoint_every=100, eval_every=150,
                  peak_flops_per_device=0.0)  # 0: measure this machine's matmul peak
@@ -186,9 +165,5 @@ KEYS = {
 
 
 def get_config(arg: str | None = None, registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
-  c = base_config(registers)
-  # variant sets the preset's batch, group, lr ...: apply it before keys that refine them
-  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
-  tokens.sort(key=lambda t: not t.startswith('variant='))
-  config_args.apply_arg(c, ','.join(tokens), PRESETS, KEYS)
-  return c
+  # variant sets the preset's batch, group, lr ...: applied before the other keys
+  return config_lib.parse_arg(base_config(registers), arg, PRESETS, KEYS, first=('variant',))

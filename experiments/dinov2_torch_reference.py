@@ -9,7 +9,7 @@ reference's training forward: an exact random subset of rows per branch for
 any rate > 0. Logs per step the loss terms, the schedules and
 ``teacher_entropy`` (mean entropy of the teacher's DINO targets, as our
 metrics), and the teacher's cls-token kNN top-1 (bank ``eval.train_split``,
-queries ``data.eval_split``, as ``vitreg_jax/train/evaluate.py``) at step 0
+queries ``data.eval_split``, as ``vitreg_jax/evals/knn.py``) at step 0
 and at the end.
 
   python experiments/dinov2_torch_reference.py [--config smoke] [--set optim.base_lr=1e-3]
@@ -103,7 +103,7 @@ def main():
 
   torch.set_num_threads(args.threads)
   config = load_config(args.config, args.set)
-  recipe = recipes.get_recipe(config)
+  recipe = recipes.build(config)
   if config.model.get('dtype', 'float32') != 'float32':
     print(f'note: the torch run is float32 (config dtype {config.model.dtype})')
   steps = args.steps or int(recipe.total_steps)
@@ -117,7 +117,7 @@ def main():
   out = open(args.out, 'w', encoding='utf-8') if args.out else None
   initial = knn_top1(ref, config)
   print(json.dumps({'step': 0, **initial}), flush=True)
-  data = pipeline.build_train_pipeline(config, seed=config.seed)
+  data = pipeline.build_train_pipeline(config, recipe.host_batches, seed=config.seed)
   start = time.perf_counter()
   try:
     for step in range(steps):

@@ -10,7 +10,7 @@ every case.
 
   python experiments/plan_pods.py --out=experiments/pod_plan.md            # default cases
   python experiments/plan_pods.py --out=/tmp/t.md --per_chip_batch=4 \\
-      --case='configs/supervised.py:smoke v5e:2x2 fsdp'                     # a tiny check
+      --case='configs/deit3_reg.py:smoke v5e:2x2 fsdp'                     # a tiny check
   python experiments/plan_pods.py --out=t.md \\
       --case='configs/dinov2_reg.py:variant=L/14 v5e:16x16 fsdp_tp:4 full --config.group_size=16'
 
@@ -23,7 +23,6 @@ command is unchanged, so an interrupted table resumes where it stopped.
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -81,20 +80,6 @@ def chips(topology: str) -> int:
   return math.prod(int(d) for d in dims.split('x'))
 
 
-def batch_key(config_spec: str) -> str:
-  """The config field holding the global batch (as ``recipes.global_batch_size`` reads it)."""
-  path, _, arg = config_spec.partition(':')
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # configs import vitreg_jax
-  spec = importlib.util.spec_from_file_location('plan_pods_config', os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  if 'data' in config and 'batch_size' in config.data:
-    return 'data.batch_size'
-  return 'input.global_batch_size'
-
-
 def command(case: Case, per_chip_batch: int, overrides: tuple[str, ...], json_path: str):
   """The ``vitreg_jax.main --mode=plan`` command line of one case."""
   mesh = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'fsdp_tp': (1, -1, case.tensor)}[case.strategy]
@@ -103,7 +88,7 @@ def command(case: Case, per_chip_batch: int, overrides: tuple[str, ...], json_pa
           f'--plan.json={json_path}', f'--config.sharding.strategy={case.strategy}',
           *(f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh))]
   if per_chip_batch:
-    args.append(f'--config.{batch_key(case.config)}={per_chip_batch * chips(case.topology)}')
+    args.append(f'--config.data.batch_size={per_chip_batch * chips(case.topology)}')
   if case.remat:
     args.append(f'--config.model.remat_policy={case.remat}')
   return args + list(overrides) + list(case.overrides)

@@ -360,7 +360,7 @@ class DinoV2Torch:
     self.ibot_centre = Centre(k_ibot)
     self.schedules = Schedules(config)
     self.optimizer = torch.optim.AdamW(self._param_groups(),
-                                       betas=(config.optim.adamw_beta1, config.optim.adamw_beta2))
+                                       betas=(config.optim.b1, config.optim.b2))
 
   def _param_groups(self):
     o, groups = self.config.optim, []

@@ -1,10 +1,12 @@
-"""Runs a few supervised train steps, in one process or as one of several.
+"""Runs a few DeiT-III train steps through the real pipeline, in one process or as one of several.
 
 Used by tests/test_parallel_multiprocess.py both in-process (the single-process
 reference) and as ``python tests/parallel_worker.py`` children that join a
-``jax.distributed`` run on 127.0.0.1. Every process draws the same global
-batch from a fixed seed and feeds only the rows its devices hold, as its
-``BatchLayout`` says.
+``jax.distributed`` run on 127.0.0.1. Each process reads the data shard its
+``BatchLayout`` names, through the recipe's batch function, and feeds the rows
+its devices hold. The reference reads every shard the two processes read
+(standing in for them: devices 0, 1 as process 0, devices 2, 3 as process 1)
+and assembles the same global batch.
 
 Each scenario is a mesh over two processes x two devices. ``ORDERS`` name the
 device at each mesh position as (process, local device), so a scenario can lay
@@ -43,7 +45,7 @@ INIT_PRNG = 'unsafe_rbg'
 XLA_FLAGS = '--xla_backend_optimization_level=0'
 
 
-def load_config(arg: str = 'smoke', file: str = 'supervised.py'):
+def load_config(arg: str = 'smoke', file: str = 'deit3_reg.py'):
   """``configs/FILE:ARG`` (configs/ is no package)."""
   path = REPO / 'configs' / file
   spec = importlib.util.spec_from_file_location(path.stem + '_config', path)
@@ -54,19 +56,51 @@ def load_config(arg: str = 'smoke', file: str = 'supervised.py'):
 
 def test_config(mesh=None, strategy='fsdp_tp'):
   config = load_config('smoke')
-  config.input.global_batch_size = GLOBAL_BATCH
-  config.optimizer.warmup_steps = 0
+  config.data.batch_size = GLOBAL_BATCH
+  config.optim.warmup_epochs = 0
   config.mesh.update(mesh or SCENARIOS['process_major'][0])
   config.sharding.strategy = strategy
   return config
 
 
-def global_batches(num_classes: int, image_size: int):
+def _stand_in_process(device) -> int:
+  """The process a device belongs to, or stands in for in the one-process reference."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return device.process_index if jax.process_count() > 1 else device.id // DEVICES_PER_PROCESS
+
+
+def pipeline_batches(config, trainer):
+  """``STEPS`` global batches as the two-process run reads them, through the real pipeline.
+
+  Each (stand-in) process's loader reads the data shard its layout names and
+  yields its blocks' rows; in the reference, one process reads both shards.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  for _ in range(STEPS):
-    yield {'images': rng.normal(size=(GLOBAL_BATCH, image_size, image_size, 3)).astype(np.float32),
-           'labels': rng.integers(0, num_classes, GLOBAL_BATCH).astype(np.int32)}
+  from vitreg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.parallel import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  processes = sorted({_stand_in_process(d) for d in trainer.mesh.devices.flat})
+  layouts = {p: batch_lib.batch_layout(trainer.mesh, trainer.rules, GLOBAL_BATCH, p,
+                                       _stand_in_process) for p in processes}
+  own = trainer.batch_layout(GLOBAL_BATCH)
+  readers = {}
+  for p, layout in layouts.items():
+    if layout.shard_index not in readers:
+      readers[layout.shard_index] = pipeline.build_train_pipeline(
+          config, trainer.recipe.host_batches, layout=layout)
+  try:
+    for _ in range(STEPS):
+      rows = {shard: next(reader) for shard, reader in readers.items()}
+      whole = {}
+      for layout in layouts.values():
+        local = rows[layout.shard_index]
+        for key in trainer.recipe.batch_spec:
+          out = whole.setdefault(key, np.zeros((GLOBAL_BATCH,) + local[key].shape[1:],
+                                               local[key].dtype))
+          out[layout.rows()] = local[key]
+      yield {k: own.local_rows(v) for k, v in whole.items()}
+  finally:
+    for reader in readers.values():
+      reader.close()
 
 
 def scenario_trainer(name: str):
@@ -76,12 +110,13 @@ def scenario_trainer(name: str):
   from jax.sharding import AxisType, Mesh  # pylint: disable=import-outside-toplevel
   from vitreg_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from vitreg_jax.parallel import rules  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import recipes, sharded  # pylint: disable=import-outside-toplevel
+  from vitreg_jax import recipes  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import sharded  # pylint: disable=import-outside-toplevel
 
   mesh_axes, strategy = SCENARIOS[name]
   config = test_config(mesh_axes, strategy)
   if ORDERS[name] is None:
-    return config, sharded.from_config(config)
+    return config, sharded.ShardedRecipe.from_config(recipes.build(config), config)
   if jax.process_count() > 1:
     local = lambda p: sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
     by_position = {(p, i): d for p in range(jax.process_count()) for i, d in enumerate(local(p))}
@@ -92,7 +127,7 @@ def scenario_trainer(name: str):
   mesh = Mesh(devices.reshape(shape), mesh_lib.MESH_AXES,
               axis_types=(AxisType.Auto,) * len(mesh_lib.MESH_AXES))
   rules.validate_strategy(strategy, mesh)
-  return config, sharded.ShardedRecipe(recipes.get_recipe(config), mesh,
+  return config, sharded.ShardedRecipe(recipes.build(config), mesh,
                                        rules.get_rules(strategy))
 
 
@@ -102,8 +137,9 @@ def loader_digest(shard_index: int, num_shards: int) -> str:
   config = load_config('smoke', 'dinov2_reg.py')
   config.data.batch_size = GLOBAL_BATCH
   config.group_size = GLOBAL_BATCH // 2  # divides every per-process batch here
-  iterator = pipeline.build_train_pipeline(config, shard_index=shard_index,
-                                           num_shards=num_shards, seed=0)
+  from vitreg_jax.data import multicrop  # pylint: disable=import-outside-toplevel
+  iterator = pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config),
+                                           shard_index=shard_index, num_shards=num_shards, seed=0)
   try:
     batch = next(iterator)
   finally:
@@ -118,8 +154,9 @@ def initial_state():
   """The initial state as numpy, computed on one local device: every mesh starts from it."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import recipes, state  # pylint: disable=import-outside-toplevel
-  recipe = recipes.get_recipe(test_config())
+  from vitreg_jax import recipes  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.train import state  # pylint: disable=import-outside-toplevel
+  recipe = recipes.build(test_config())
   init = jax.jit(lambda key: state.unbox(recipe.init_state(key)),
                  out_shardings=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   return jax.tree.map(np.asarray, init(jax.random.key(0, impl=INIT_PRNG)))
@@ -142,8 +179,7 @@ def run_scenario(name: str, init_state=None) -> dict:
     return out
   state = jax.device_put(init_state, trainer.state_shardings)
   losses = []
-  for batch in global_batches(config.num_classes, config.input.image_size):
-    local = {k: layout.local_rows(v) for k, v in batch.items()}
+  for local in pipeline_batches(config, trainer):
     state, metrics = trainer.train_step(state, trainer.global_batch(local, GLOBAL_BATCH),
                                         jax.random.key(1))
     losses.append(float(metrics['loss']))

@@ -12,8 +12,18 @@ from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from vitreg_jax.data import embedded
-from vitreg_jax.data import pipeline
+from vitreg_jax.data import image_text, multicrop, pipeline
 from vitreg_jax.data import sources
+
+def _train_pipeline(config, **kwargs):
+  """The pipeline over the batch function of the config's kind (multi-crop or image-text)."""
+  kind = config.get('kind', 'multicrop')
+  if kind == 'image_text':
+    config.augment = {k: v for k, v in config.augment.items() if k in image_text.AUGMENT_DEFAULTS}
+    return pipeline.build_train_pipeline(config, image_text.ImageTextBatches(config), **kwargs)
+  config.augment = {k: v for k, v in config.augment.items() if k in multicrop.AUGMENT_DEFAULTS}
+  return pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config), **kwargs)
+
 
 
 def _embedded(split='train', **kw):
@@ -131,7 +141,7 @@ def test_unknown_source_kind():
 
 def _tfds_config(trainer, **data):
   config = ml_collections.ConfigDict()
-  config.trainer, config.seed = trainer, 0
+  config.kind, config.seed = trainer, 0
   config.data = dict(source='tfds', batch_size=4, **data)
   config.augment = dict(global_crops_size=28, local_crops_size=14, local_crops_number=2, image_size=28)
   return config
@@ -139,8 +149,8 @@ def _tfds_config(trainer, **data):
 
 def test_tfds_mock_data_feeds_the_dinov2_pipeline():
   with tfds.testing.mock_data(num_examples=12):
-    config = _tfds_config('dinov2', name='imagenet2012', tfds_image_decoding='tfds')
-    iterator = pipeline.build_train_pipeline(config, process_index=0, process_count=1)
+    config = _tfds_config('multicrop', name='imagenet2012', tfds_image_decoding='tfds')
+    iterator = _train_pipeline(config, process_index=0, process_count=1)
     batches = [next(iterator) for _ in range(4)]  # more than one epoch (12 / 4 = 3 batches)
     iterator.close()
     evaluation = pipeline.build_eval_pipeline(config, split='validation', process_index=0, process_count=1)
@@ -192,8 +202,8 @@ def test_tfds_array_record_raw_bytes_boxes_captions(tiny_tfds_dir):
   np.testing.assert_allclose(record['boxes'], [[0.2, 0.1, 0.6, 0.5]])  # yxyx -> xyxy
   assert record['caption'][0].startswith('caption ') and len(record['caption']) == 2
   assert repr(source) == repr(sources.TfdsSource('tiny_captions', 'train', tiny_tfds_dir))
-  config = _tfds_config('clip', name='tiny_captions', data_dir=tiny_tfds_dir)
-  iterator = pipeline.build_train_pipeline(config, process_index=0, process_count=1)
+  config = _tfds_config('image_text', name='tiny_captions', data_dir=tiny_tfds_dir)
+  iterator = _train_pipeline(config, process_index=0, process_count=1)
   batch = next(iterator)
   iterator.close()
   assert batch['image'].shape == (4, 28, 28, 3) and batch['tokens'].shape == (4, 77)

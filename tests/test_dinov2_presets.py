@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from vitreg_jax.data import pipeline
-from vitreg_jax.train import recipes, sharded as sharded_lib
+from vitreg_jax import recipes
+from vitreg_jax.train import sharded as sharded_lib
 from vitreg_jax.train.state import unbox
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -36,7 +37,7 @@ def load(file: str, arg: str):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_preset_constructs_at_full_size(file, variant):
   config = load(file, f'variant={variant}')
-  recipe = recipes.get_recipe(config)
+  recipe = recipes.build(config)
   params = unbox(jax.eval_shape(recipe.init_state, jax.random.key(0)).params)
   backbone = params['backbone']
   patch = int(variant.split('/')[1])
@@ -60,7 +61,7 @@ def test_preset_constructs_at_full_size(file, variant):
 def test_preset_lowers_for_a_mesh_at_full_size(variant):
   """The full-size step traces and lowers with its shardings on 8 devices (no compile)."""
   config = load('dinov2_reg.py', f'variant={variant}')
-  trainer = sharded_lib.from_config(config)
+  trainer = recipes.sharded(config)
   lowered = trainer.lower(config.data.batch_size)
   assert 'stablehlo' in lowered.as_text()[:20000] or lowered.as_text()
 
@@ -92,14 +93,14 @@ def smoke_sized(variant: str):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_preset_trains_at_smoke_size(variant):
   config = smoke_sized(variant)
-  trainer = sharded_lib.from_config(config, devices=jax.devices()[:2])
+  trainer = recipes.sharded(config, devices=jax.devices()[:2])
   state = trainer.init(jax.random.key(0))
-  batches = pipeline.build_train_pipeline(config, seed=0)
+  batches = pipeline.build_train_pipeline(config, trainer.recipe.host_batches, seed=0)
   start = jax.device_get(state.params)
   try:
     for _ in range(2):
       local = next(batches)
-      batch = trainer.global_batch({k: local[k] for k in trainer.recipe.batch_axes},
+      batch = trainer.global_batch({k: local[k] for k in trainer.recipe.batch_spec},
                                    config.data.batch_size)
       state, metrics = trainer.train_step(state, batch, jax.random.key(1))
   finally:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitreg_jax.train import recipes
+from vitreg_jax import recipes
 from vitreg_jax.train.state import unbox
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -168,7 +168,7 @@ def adam_moments(ref) -> dict:
 @pytest.mark.usefixtures('one_torch_thread')
 def test_train_step_matches_torch_reference(centering, separate):
   config = smoke_config(centering, separate)
-  recipe = recipes.get_recipe(config)
+  recipe = recipes.build(config)
   init = jax.jit(lambda rng: unbox(recipe.init_state(rng)))
   state = init.lower(jax.random.key(0)).compile(FAST_COMPILE)(jax.random.key(0))
   step = jax.jit(recipe.train_step).lower(state, make_batch(config, 0), jax.random.key(1)).compile(

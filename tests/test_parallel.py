@@ -1,4 +1,4 @@
-"""Mesh, rules, batches and the sharded supervised step on 8 simulated CPU devices."""
+"""Mesh, rules, batches and the sharded DeiT-III step on 8 simulated CPU devices."""
 
 import jax
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import parallel_worker
+from vitreg_jax import recipes
 from vitreg_jax.parallel import batch as batch_lib
 from vitreg_jax.parallel import mesh as mesh_lib
 from vitreg_jax.parallel import rules as rules_lib
-from vitreg_jax.train import sharded as sharded_lib
 
 GLOBAL_BATCH = 16
 STRATEGY_MESHES = {
@@ -26,10 +26,11 @@ def mesh(data=1, fsdp=1, tensor=1, devices=None):
 def config(strategy='dp', mesh_axes=None):
   """Smoke ViT (D=32, 2 scanned blocks, 4 heads, MLP 128, 10 classes), lr from step 0."""
   c = parallel_worker.load_config('smoke')
-  c.model.scan_blocks = True
-  c.label_smoothing = 0.1
-  c.input.global_batch_size = GLOBAL_BATCH
-  c.optimizer.warmup_steps = 0
+  c.model.update(scan_blocks=True, embed_dim=32, depth=2, num_heads=4, num_registers=2)
+  c.classifier.num_classes = 10
+  c.mixing.label_smoothing = 0.1
+  c.data.batch_size = GLOBAL_BATCH
+  c.optim.warmup_epochs = 0
   c.mesh.update(mesh_axes or {'data': 1, 'fsdp': 1, 'tensor': 1})
   c.sharding.strategy = strategy
   return c
@@ -146,18 +147,19 @@ def test_batch_that_does_not_divide_fails_naming_numbers():
 
 def test_start_up_fails_on_bad_mesh_or_batch():
   with pytest.raises(ValueError, match='needs 4 devices but 8 are available'):
-    sharded_lib.from_config(config('fsdp', {'data': 1, 'fsdp': 4, 'tensor': 1}))
-  trainer = sharded_lib.from_config(config('dp', {'data': 8, 'fsdp': 1, 'tensor': 1}))
+    recipes.sharded(config('fsdp', {'data': 1, 'fsdp': 4, 'tensor': 1}))
+  trainer = recipes.sharded(config('dp', {'data': 8, 'fsdp': 1, 'tensor': 1}))
   with pytest.raises(ValueError, match='global batch size 20 does not divide over the 8'):
     trainer.lower(20)
 
 
-# --- the sharded supervised step -------------------------------------------
+# --- the sharded DeiT-III step -----------------------------------------------
 
 def _batch(step):
   rng = np.random.default_rng(step)
-  return {'images': rng.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
-          'labels': rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)}
+  labels = rng.integers(0, 10, GLOBAL_BATCH)
+  return {'image': rng.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
+          'targets': (np.eye(10)[labels] * 0.9 + 0.01).astype(np.float32)}
 
 
 def _to_numpy(tree):
@@ -176,7 +178,7 @@ def _run_steps(trainer, state, steps=2):
 @pytest.fixture(scope='module')
 def single_device():
   """Init and two steps on one device: the reference for every strategy."""
-  trainer = sharded_lib.from_config(config('dp'), jax.devices()[:1])
+  trainer = recipes.sharded(config('dp'), jax.devices()[:1])
   state = trainer.init(jax.random.key(0))
   init_state = _to_numpy(state)
   state, losses = _run_steps(trainer, state)
@@ -239,7 +241,7 @@ def _assert_sharded_as_expected(state, strategy):
 
 @pytest.mark.parametrize('strategy', sorted(STRATEGY_MESHES))
 def test_strategy_matches_single_device_and_shards_params(strategy, single_device):
-  trainer = sharded_lib.from_config(config(strategy, STRATEGY_MESHES[strategy]))
+  trainer = recipes.sharded(config(strategy, STRATEGY_MESHES[strategy]))
   state = jax.device_put(single_device['init_state'], trainer.state_shardings)
   _assert_sharded_as_expected(state, strategy)
   state, losses = _run_steps(trainer, state)
@@ -256,7 +258,7 @@ def test_strategy_matches_single_device_and_shards_params(strategy, single_devic
 
 
 def test_sharded_init_is_born_sharded_and_equals_single_device_init(single_device):
-  trainer = sharded_lib.from_config(config('fsdp_tp', STRATEGY_MESHES['fsdp_tp']))
+  trainer = recipes.sharded(config('fsdp_tp', STRATEGY_MESHES['fsdp_tp']))
   state = trainer.init(jax.random.key(0))
   _assert_sharded_as_expected(state, 'fsdp_tp')
   assert int(state.step) == 0

@@ -1,7 +1,7 @@
 """The pod-scale planner.
 
 * The TPU compiler (libtpu) on the compile-only devices of a v5e:2x2 slice:
-  the supervised smoke model through the library, the DINOv2 smoke recipe
+  the DeiT-III smoke model through the library, the DINOv2 smoke recipe
   through the CLI (XLA:CPU on 4 simulated devices when libtpu is absent).
 * The XLA:CPU fallback: 8 simulated devices in-process, 64 through the CLI,
   and ``--plan.topology`` without libtpu.
@@ -22,29 +22,31 @@ import pytest
 import parallel_worker
 from vitreg_jax.parallel import topology
 from vitreg_jax.train import plan as plan_lib
-from vitreg_jax.train import recipes
+from vitreg_jax import recipes
 from vitreg_jax.train import sharded as sharded_lib
 from vitreg_jax.train import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 64  # one image per device at 64 devices
 EMBED = 64  # divides 4, 8 and 64, so every backbone param shards
-CLI_OVERRIDES = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', f'--config.model.embed_dim={EMBED}']
+CLI_OVERRIDES = ['--config.mesh.data=1', '--config.mesh.fsdp=-1', f'--config.model.embed_dim={EMBED}',
+                 '--config.model.num_heads=4']
 TOPOLOGY = 'v5e:2x2'  # 4 chips, one host
 HAVE_LIBTPU = topology.libtpu_version() is not None
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
 # float32 images + int32 labels, per example
-EXAMPLE_BYTES = 32 * 32 * 3 * 4 + 4
+EXAMPLE_BYTES = 32 * 32 * 3 * 4 + 6 * 4  # image + soft targets over the 6 smoke classes
 
 
 def plan_config():
   c = parallel_worker.load_config(f'smoke,batch={BATCH},strategy=fsdp')
   c.mesh.update({'data': 1, 'fsdp': -1, 'tensor': 1})
   c.model.embed_dim = EMBED
+  c.model.num_heads = 4
   return c
 
 
-def run_main(args, config=f'supervised.py:smoke,batch={BATCH},strategy=fsdp', timeout=300,
+def run_main(args, config=f'deit3_reg.py:smoke,batch={BATCH},strategy=fsdp', timeout=300,
              prelude=''):
   """``python -m vitreg_jax.main --mode=plan``; ``prelude`` runs first (e.g. hides libtpu)."""
   env = dict(os.environ)
@@ -60,8 +62,8 @@ def run_main(args, config=f'supervised.py:smoke,batch={BATCH},strategy=fsdp', ti
 
 
 def _param_bytes(config) -> tuple[int, int]:
-  """(all param bytes, bytes fsdp cannot shard: qkv biases have no embed axis, 10 classes)."""
-  abstract = jax.eval_shape(recipes.get_recipe(config).init_state, jax.random.key(0))
+  """(all param bytes, bytes fsdp cannot shard: qkv biases have no embed axis, 6 classes)."""
+  abstract = jax.eval_shape(recipes.build(config).init_state, jax.random.key(0))
   total = replicated = 0
   for path, x in jax.tree_util.tree_leaves_with_path(state_lib.unbox(abstract.params)):
     nbytes = math.prod(x.shape) * x.dtype.itemsize
@@ -97,7 +99,7 @@ def tpu_plan():
   # The CLI's (and a TPU run's) matmul precision, not the test session's 'highest': the
   # TPU emulates float32 matmuls with 6 bf16 passes then, and compiles 3x slower.
   with jax.default_matmul_precision(None):
-    return plan_lib.plan_config(plan_config(), topology=TOPOLOGY)
+    return plan_lib.plan_config(plan_config(), recipes.build, topology=TOPOLOGY)
 
 
 @needs_libtpu
@@ -120,8 +122,8 @@ def test_tpu_state_bytes_and_shard_shapes_are_exact(tpu_plan):
   assert 2 * tpu_plan.state_bytes['params'] <= tpu_plan.state_bytes['optimizer'] <= (
       2 * tpu_plan.state_bytes['params'] + 64)  # Adam's two moments + counters
   # The TPU mesh partitions every leaf as 4 CPU devices do.
-  on_tpu = sharded_lib.from_config(config, topology.devices(TOPOLOGY))
-  on_cpu = sharded_lib.from_config(config, jax.devices()[:4])
+  on_tpu = recipes.sharded(config, topology.devices(TOPOLOGY))
+  on_cpu = recipes.sharded(config, jax.devices()[:4])
   assert {d.platform for d in on_tpu.mesh.devices.flat} == {'tpu'}
   assert plan_lib.state_bytes_per_device(on_cpu) == tpu_plan.state_bytes
   shard_shapes = lambda s: jax.tree.map(lambda x, sh: sh.shard_shape(x.shape),
@@ -131,7 +133,7 @@ def test_tpu_state_bytes_and_shard_shapes_are_exact(tpu_plan):
   assert params['backbone']['blocks_0']['attn']['qkv']['kernel'] == (16, 3, 4, 16)
   assert params['backbone']['patch_embed']['proj']['kernel'] == (8, 8, 3, 16)
   assert params['backbone']['blocks_0']['mlp']['fc1']['bias'] == (64,)
-  assert params['head']['bias'] == (10,)  # 10 classes do not split 4 ways
+  assert params['head']['bias'] == (6,)  # 6 classes do not split 4 ways
 
 
 @needs_libtpu
@@ -163,12 +165,12 @@ def test_cli_plans_dinov2_on_a_tpu_topology(tmp_path):
   # Exact state bytes: the same partitioning as 4 CPU devices (no compile needed there).
   config = parallel_worker.load_config('smoke', 'dinov2_reg.py')
   config.augment.local_crops_number = 0
-  on_cpu = sharded_lib.from_config(config, jax.devices()[:4])
+  on_cpu = recipes.sharded(config, jax.devices()[:4])
   assert p['state_bytes'] == plan_lib.state_bytes_per_device(on_cpu)
   assert p['state_bytes']['teacher'] == p['state_bytes']['params']  # the EMA mirrors the student
   assert {'center_dino', 'center_ibot'} <= set(p['state_bytes'])
   nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  _assert_self_consistent(p, nbytes(on_cpu.recipe.abstract_batch(32)) // 4)
+  _assert_self_consistent(p, nbytes(on_cpu.abstract_batch(32)) // 4)
   assert p['fits']
 
 
@@ -199,7 +201,7 @@ def test_cli_plan_flags_fail_naming_the_valid_choices(args, message):
 
 @pytest.fixture(scope='module')
 def plan8():
-  return plan_lib.plan_config(plan_config(), 8, hbm_gib=16)
+  return plan_lib.plan_config(plan_config(), recipes.build, 8, hbm_gib=16)
 
 
 @pytest.fixture(scope='module')
@@ -263,9 +265,9 @@ def test_cli_bad_mesh_fails_at_start_up_naming_numbers():
 
 def test_plan_refuses_wrong_device_count_or_both_targets():
   with pytest.raises(ValueError, match='planning for 64 devices but this process has 8'):
-    plan_lib.plan_config(plan_config(), 64, hbm_gib=16)
+    plan_lib.plan_config(plan_config(), recipes.build, 64, hbm_gib=16)
   with pytest.raises(ValueError, match='not both or neither'):
-    plan_lib.plan_config(plan_config(), 8, topology=TOPOLOGY)
+    plan_lib.plan_config(plan_config(), recipes.build, 8, topology=TOPOLOGY)
 
 
 # --- experiments/plan_pods.py: the README table ----------------------------------------------
@@ -291,11 +293,11 @@ def test_plan_pods_commands_keep_the_per_chip_batch():
   assert argv[-2:] == ['--config.train.log_every=1', '--config.group_size=16']
   small = plan_pods.Case.parse('configs/dinov2_reg.py:variant=L/14 v5e:8x8 fsdp')
   assert '--config.data.batch_size=1024' in plan_pods.command(small, 16, (), 'P.json')
-  supervised = plan_pods.Case.parse('configs/supervised.py:smoke v5e:2x2 dp')
-  argv = plan_pods.command(supervised, 4, (), 'P.json')
-  assert '--config.input.global_batch_size=16' in argv and '--config.mesh.data=-1' in argv
+  deit3 = plan_pods.Case.parse('configs/deit3_reg.py:smoke v5e:2x2 dp')
+  argv = plan_pods.command(deit3, 4, (), 'P.json')
+  assert '--config.data.batch_size=16' in argv and '--config.mesh.data=-1' in argv
   with pytest.raises(ValueError, match=r"strategy 'zero3'; valid"):
-    plan_pods.Case.parse('configs/supervised.py:smoke v5e:2x2 zero3')
+    plan_pods.Case.parse('configs/deit3_reg.py:smoke v5e:2x2 zero3')
   # The README rows: presets as shipped on v5e-256, the same per-chip batch on v5e-64.
   per_chip = {}
   for text in plan_pods.DEFAULT_CASES:
@@ -311,7 +313,7 @@ def test_plan_pods_commands_keep_the_per_chip_batch():
 
 def test_plan_pods_table_has_one_row_per_case(plan8):
   plan_pods = _plan_pods()
-  case = dataclasses.asdict(plan_pods.Case.parse('configs/supervised.py:smoke v5e:2x2 fsdp'))
+  case = dataclasses.asdict(plan_pods.Case.parse('configs/deit3_reg.py:smoke v5e:2x2 fsdp'))
   rows = [{'case': case, 'command': 'x', 'plan': plan8.to_dict()},
           {'case': case, 'command': 'y', 'error': 'ValueError: boom'}]
   lines = plan_pods.table(rows).splitlines()

@@ -6,7 +6,9 @@ the interrupted one stopped, data included:
 * ``state``: the train-state pytree (sharded arrays; restored straight into the
   target shardings, so a pod never gathers a ViT-g onto one host);
 * ``data``: every process's grain iterator state (one JSON file per process);
-* ``config``: the run's config as JSON, for humans and for ``--mode=export``.
+* ``config``: the run's config as JSON: compared with the command line's on
+  resume, export and eval (differences are named), and used when
+  export/eval are run without ``--config``.
 
 Saves are asynchronous; the latest ``keep`` checkpoints are kept, plus the best
 one by ``best_metric`` when the run reports it.
@@ -22,6 +24,20 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from vitreg_jax import config as config_lib
+
+# Settings a resumed run may change without changing what it computes.
+MAY_CHANGE = ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+              'train.eval_every', 'train.export_formats', 'train.peak_flops_per_device',
+              'data.num_workers', 'data.worker_buffer_size', 'data.read_threads',
+              'data.device_prefetch', 'data.data_dir', 'distributed.mode',
+              'distributed.coordinator_address', 'distributed.num_processes',
+              'distributed.process_id', 'eval.max_train_examples', 'eval.max_eval_examples')
+
+
+class ConfigMismatchError(ValueError):
+  """The command line's config differs from the one the checkpoints were trained with."""
 
 
 class RunCheckpointer:
@@ -130,6 +146,37 @@ class RunCheckpointer:
     step = self.latest_step if step is None else step
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))['config']
+
+  def saved_config(self) -> tuple[dict, int] | None:
+    """``(config, step)`` of the newest checkpoint whose config reads, else None."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore_config(step), step
+      except Exception:  # pylint: disable=broad-except  (a damaged step: try the previous)
+        continue
+    return None
+
+  def check_config(self, config: ml_collections.ConfigDict, allow_changes: bool = False) -> None:
+    """Fails naming every setting that differs from the saved config (``MAY_CHANGE`` aside).
+
+    With ``allow_changes`` the differences are only reported.
+    """
+    saved = self.saved_config()
+    if saved is None:
+      return
+    saved_config, step = saved
+    current = json.loads(config.to_json_best_effort())
+    diffs = config_lib.differences(saved_config, current, ignore=MAY_CHANGE)
+    if not diffs:
+      return
+    message = (f'the config differs from the one saved with step {step} in '
+               f'{self._manager.directory}: ' + '; '.join(diffs))
+    if allow_changes:
+      logging.warning('%s (continuing: --allow_config_changes)', message)
+      return
+    raise ConfigMismatchError(
+        message + '. Use the saved config (omit --config for export/eval), a new --workdir, '
+        'or --allow_config_changes to continue with the new values')
 
   def wait(self):
     self._manager.wait_until_finished()

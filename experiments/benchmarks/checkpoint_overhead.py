@@ -85,7 +85,7 @@ def main():
   from vitreg_jax.train import sharded as sharded_lib  # pylint: disable=import-outside-toplevel
 
   config = load_config(args.model)
-  sharded = sharded_lib.from_config(config, devices=jax.devices()[:1])
+  sharded = recipes.sharded(config, devices=jax.devices()[:1])
   state = sharded.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   abstract = sharded.recipe.abstract_batch(config.data.batch_size)

@@ -96,17 +96,18 @@ def per_worker_rates(jpegs, rounds):
 
 def pipeline_rate(jpegs, workers, batches):
   import ml_collections
-  from vitreg_jax.data import pipeline
+  from vitreg_jax.data import multicrop, pipeline
   with tempfile.TemporaryDirectory() as root:
     os.makedirs(os.path.join(root, 'class0'))
     for i, jpeg in enumerate(jpegs):
       with open(os.path.join(root, 'class0', f'{i}.jpg'), 'wb') as f:
         f.write(jpeg)
     config = ml_collections.ConfigDict()
-    config.trainer, config.seed = 'dinov2', 0
+    config.seed = 0
     config.data = dict(source='folder', path=root, batch_size=16, num_workers=workers, worker_buffer_size=2)
     config.masking = dict(patch_size=14)
-    iterator = pipeline.build_train_pipeline(config, process_index=0, process_count=1)
+    iterator = pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config),
+                                             process_index=0, process_count=1)
     for _ in range(max(2, workers)):  # start-up: spawn workers, first batches
       next(iterator)
     start = time.perf_counter()

@@ -45,7 +45,7 @@ def main():
   from vitreg_jax.train import mfu, sharded as sharded_lib
 
   config = load_config(args.batch, args.prototypes)
-  sharded = sharded_lib.from_config(config, devices=jax.devices()[:1])
+  sharded = recipes.sharded(config, devices=jax.devices()[:1])
   state = sharded.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   abstract = sharded.recipe.abstract_batch(args.batch)

@@ -23,7 +23,11 @@ def high_norm_fraction(patches, *, cutoff: float | None = None, factor: float = 
   With ``cutoff`` the paper's absolute threshold; otherwise ``factor`` times
   the median patch norm of each image (over its ``N`` patches).
   """
-  norms = token_norms(patches)
+  return outlier_fraction(token_norms(patches), cutoff=cutoff, factor=factor)
+
+
+def outlier_fraction(norms, *, cutoff: float | None = None, factor: float = 4.0):
+  """``high_norm_fraction`` from the patch-token norms ``[..., N]``."""
   if cutoff is not None:
     return jnp.mean(norms > cutoff)
   return jnp.mean(norms > factor * jnp.median(norms, axis=-1, keepdims=True))

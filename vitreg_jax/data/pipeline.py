@@ -1,57 +1,48 @@
 """Per-process grain input pipelines, checkpointable, handing global jax.Arrays to the step.
 
-API for the training loop::
+The pipeline knows no training method: it reads this process's data shard,
+shuffles, repeats and decodes, then applies the recipe's host batch function
+(``Recipe.host_batches``: multi-crop + masks for DINOv2, 3-Augment + mixing
+for DeiT-III ...), which turns decoded examples into batches. API::
 
   layout = sharded.batch_layout(global_batch)           # parallel/batch.py
-  it = build_train_pipeline(config, shard_index=layout.shard_index,
-                            num_shards=layout.num_shards, seed=config.seed, mesh=mesh)
+  it = build_train_pipeline(config, recipe.host_batches, layout=layout, mesh=mesh)
   batch = next(it)       # dict of global jax.Arrays sharded over the mesh batch axes
                          # (per-process numpy arrays when mesh is None)
   state = it.get_state() # small JSON dict; Orbax: grain.checkpoint.CheckpointSave(it) /
   it.set_state(state)    #   CheckpointRestore(it). Resumes with exactly the batches an
   it.close()             #   uninterrupted run would see, for any number of workers.
 
-  ev = build_eval_pipeline(config, split='val', shard_index=..., num_shards=...,
-                           mode='center' | 'native', mesh=None)
-  for batch in ev: ...   # the same number of full batches on every process; padding and
-                         # undecodable images have valid == 0. 'native' yields one image
-                         # at a time at native resolution (LOST), never on a mesh.
+  ev = build_eval_pipeline(config, split='val', layout=..., mode='center' | 'native')
+  for batch in ev: ...   # 'image', 'label', 'valid': the same number of full batches on
+                         # every process; padding and undecodable images have valid == 0.
+                         # 'native' yields one image at a time at native resolution (LOST).
 
-  to_global_batch(numpy_batch, mesh, batch_axes=('data', 'fsdp'))
+The batch layout (``parallel/batch.py``) decides which examples a process
+reads: ``layout.shard_index`` / ``num_shards`` (processes holding the same
+rows, e.g. across a ``tensor`` axis, read the same shard with the same
+seeds), and the per-process batch is ``layout.per_process_batch_size`` rows,
+which may be several blocks of the global batch (a TPU torus); the rows of a
+process's blocks are consecutive examples of its shard, in global-row order.
+Without a layout: the mesh's layout for ``data.batch_axes`` when a mesh is
+given, else one shard per process (``shard_index``/``num_shards``, or their
+older names ``process_index``/``process_count``, override).
 
-``shard_index``/``num_shards`` say which copy of the data this process reads:
-processes that hold the same batch rows (a ``tensor`` axis across hosts) share
-an index, so they load the same examples with the same augmentation seeds.
-They come from the batch layout (``BatchLayout.shard_index`` / ``num_shards``);
-with a ``mesh`` they default to its layout for ``data.batch_axes``, else to
-``jax.process_index()``/``jax.process_count()``. ``process_index`` /
-``process_count`` are their older names, still accepted.
+``skipped`` (per example) counts undecodable files replaced to make it.
 
-Train batches (per process: B = data.batch_size // num_shards):
-  dinov2: global_crops f32 [B, 2, G, G, 3], local_crops f32 [B, N, L, L, 3] (if N > 0),
-          masks bool [B, 2, G/p, G/p] (iBOT), label/index/skipped int32 [B]
-  clip:   image f32 [B, S, S, 3], tokens int32 [B, context_length], label/index/skipped
-``skipped`` counts undecodable files replaced to make each example; sum it for metrics.
-
-Config keys (``config.trainer`` = 'dinov2' | 'clip' selects the train pipeline; ``config.seed``):
+Config keys (``config.seed``):
   data.*     source, name, split, eval_split, data_dir, tfds_image_decoding, path, embedded
              (see sources.py); batch_size (global), eval_batch_size (global, default
              batch_size), shuffle, num_epochs (None = forever), num_workers (grain worker
              processes, 0 = in-process), worker_buffer_size (batches per worker),
              read_threads (threads per worker), device_prefetch (batches), batch_axes
-  augment.*  dinov2: global_crops_size, local_crops_size, local_crops_number,
-             global_crops_scale, local_crops_scale, blur_probs ('as_trained' | 'intended' |
-             a (global 1, global 2, local) tuple),
-             flip_prob, color_jitter_prob, color_jitter, grayscale_prob, solarize_prob;
-             clip: image_size, crop_scale; both: mean, std (default ImageNet for dinov2,
-             OpenAI CLIP for clip); eval: eval_resize_size, eval_crop_size, native_max_size
-  masking.*  patch_size, mask_probability, ratio_min_max, min_num_patches,
-             max_ratio_per_block, min_aspect
-  text.*     context_length, bpe_path (CLIP)
+  augment.*  eval only: mean, std (default ImageNet), eval_resize_size, eval_crop_size
+             (default 224 and crop x 256/224), native_max_size; masking.patch_size (native)
 """
 
 import collections
 import math
+import zlib
 
 from absl import flags
 import grain
@@ -59,52 +50,36 @@ import jax
 import ml_collections
 import numpy as np
 
+from vitreg_jax import config as config_lib
 from vitreg_jax.data import decode
-from vitreg_jax.data import masking
 from vitreg_jax.data import sources
-from vitreg_jax.data import tokenizer as tokenizer_lib
 from vitreg_jax.data import transforms
 from vitreg_jax.parallel import batch as batch_lib
 
-TRAINERS = ('dinov2', 'clip')
-DATA_DEFAULTS = {
-    'source': 'embedded', 'name': '', 'split': 'train', 'eval_split': 'val', 'data_dir': None,
-    'tfds_image_decoding': 'ours', 'path': '', 'embedded': {},
-    'batch_size': 64, 'eval_batch_size': None, 'shuffle': True, 'num_epochs': None,
-    'num_workers': 0, 'worker_buffer_size': 2, 'read_threads': 1, 'device_prefetch': 2,
-    'batch_axes': ('data', 'fsdp'),
-}
-AUGMENT_DEFAULTS = {
-    'global_crops_size': 224, 'local_crops_size': 96, 'local_crops_number': 8,
-    'global_crops_scale': (0.32, 1.0), 'local_crops_scale': (0.05, 0.32), 'blur_probs': 'as_trained',
-    'flip_prob': 0.5, 'color_jitter_prob': 0.8, 'color_jitter': (0.4, 0.4, 0.2, 0.1),
-    'grayscale_prob': 0.2, 'solarize_prob': 0.2,
-    'image_size': 224, 'crop_scale': (0.9, 1.0),
-    'mean': None, 'std': None,
-    'eval_resize_size': None, 'eval_crop_size': None, 'native_max_size': None,
-}
-MASKING_DEFAULTS = {
-    'patch_size': 14, 'mask_probability': 0.5, 'ratio_min_max': (0.1, 0.5), 'min_num_patches': 4,
-    'max_ratio_per_block': 0.5, 'min_aspect': 0.3,
-}
-TEXT_DEFAULTS = {'context_length': tokenizer_lib.CONTEXT_LENGTH, 'bpe_path': None}
+EVAL_AUGMENT_KEYS = ('mean', 'std', 'eval_resize_size', 'eval_crop_size', 'native_max_size')
+# Streams of randomness of the train pipeline; indices fixed so seeds never move.
+STREAMS = ('shuffle', 'augment', 'masks')
 
 
-def _section(config, name, defaults):
-  """``config.<name>`` merged over ``defaults``; unknown keys fail loudly."""
+def section(config, name, defaults):
+  """``config.<name>`` merged over ``defaults``; unknown keys fail naming the valid ones."""
   given = config.get(name) if name in config else None
   given = dict(given.to_dict() if hasattr(given, 'to_dict') else (given or {}))
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f'unknown config key(s) config.{name}.{unknown}; valid: {sorted(defaults)}')
+  config_lib.check_keys(given, defaults, name)
   return ml_collections.ConfigDict({**defaults, **given})
 
 
-def _trainer(config):
-  trainer = config.get('trainer', 'dinov2')
-  if trainer not in TRAINERS:
-    raise ValueError(f'config.trainer must be one of {TRAINERS} for the input pipeline, got {trainer!r}')
-  return trainer
+def _data(config):
+  return section(config, 'data', config_lib.DATA)
+
+
+def _stream_index(name: str) -> int:
+  return STREAMS.index(name) if name in STREAMS else zlib.crc32(name.encode()) | 1 << 32
+
+
+def stream_seeds(seed, shard_index):
+  """``name -> seed`` of this shard's random streams (``Recipe.host_batches`` draws from it)."""
+  return lambda name: _stream_seed(seed, shard_index, _stream_index(name))
 
 
 def _stream_seed(seed, shard_index, stream):
@@ -252,60 +227,42 @@ class TrainIterator(grain.DatasetIterator):
     return f'TrainIterator({self._description})'
 
 
-def _dinov2_batches(examples, config, per_process_batch, seeds):
-  aug = _section(config, 'augment', AUGMENT_DEFAULTS)
-  mask = _section(config, 'masking', MASKING_DEFAULTS)
-  multicrop = transforms.DinoMultiCrop(
-      global_crops_size=aug.global_crops_size, local_crops_size=aug.local_crops_size,
-      local_crops_number=aug.local_crops_number, global_crops_scale=aug.global_crops_scale,
-      local_crops_scale=aug.local_crops_scale, blur_probs=aug.blur_probs, flip_prob=aug.flip_prob,
-      color_jitter_prob=aug.color_jitter_prob, color_jitter=aug.color_jitter,
-      grayscale_prob=aug.grayscale_prob, solarize_prob=aug.solarize_prob,
-      mean=aug.mean or transforms.IMAGENET_MEAN, std=aug.std or transforms.IMAGENET_STD)
-  masks = masking.IbotMasks(
-      crop_size=aug.global_crops_size, patch_size=mask.patch_size,
-      mask_probability=mask.mask_probability, ratio_min_max=mask.ratio_min_max,
-      min_num_patches=mask.min_num_patches, max_ratio_per_block=mask.max_ratio_per_block,
-      min_aspect=mask.min_aspect, group_size=config.get('group_size'))
-  ds = examples.batch(per_process_batch, drop_remainder=True, batch_fn=list)
-  ds = ds.random_map(transforms.BatchedMultiCrop(multicrop), seed=seeds('augment'))
-  return ds.random_map(masks, seed=seeds('masks'))
-
-
-def _clip_batches(examples, config, per_process_batch, seeds):
-  aug = _section(config, 'augment', AUGMENT_DEFAULTS)
-  text = _section(config, 'text', TEXT_DEFAULTS)
-  clip = transforms.ClipTrain(
-      image_size=aug.image_size, crop_scale=aug.crop_scale,
-      mean=aug.mean or transforms.CLIP_MEAN, std=aug.std or transforms.CLIP_STD,
-      tokenizer=tokenizer_lib.ClipTokenizer(text.bpe_path, text.context_length))
-  ds = examples.random_map(clip, seed=seeds('augment'))
-  return ds.batch(per_process_batch, drop_remainder=True)
-
-
-def build_train_pipeline(config, *, shard_index=None, num_shards=None, seed=None, mesh=None,
-                         process_index=None, process_count=None) -> TrainIterator:
-  """The training iterator ``config.trainer`` needs (see the module docstring)."""
-  trainer = _trainer(config)
-  data = _section(config, 'data', DATA_DEFAULTS)
+def _layout_shard(layout, shard_index, num_shards, process_index, process_count, mesh, data):
+  """(shard_index, num_shards, blocks-per-process batch) from the layout, or as before."""
+  if layout is not None:
+    if any(v is not None for v in (shard_index, num_shards, process_index, process_count)):
+      raise ValueError('give a batch layout or shard_index/num_shards, not both')
+    if layout.global_batch_size != data.batch_size:
+      raise ValueError(f'the batch layout is for a global batch of {layout.global_batch_size}, '
+                       f'data.batch_size is {data.batch_size}')
+    return layout.shard_index, layout.num_shards, layout.per_process_batch_size
   shard_index, num_shards = _data_shard(shard_index, num_shards, process_index, process_count,
                                         mesh, data)
+  return shard_index, num_shards, _per_process(data.batch_size, num_shards, 'batch_size')
+
+
+def build_train_pipeline(config, host_batches, *, layout=None, shard_index=None,
+                         num_shards=None, seed=None, mesh=None, process_index=None,
+                         process_count=None) -> TrainIterator:
+  """Endless training batches made by ``host_batches`` (see the module docstring)."""
+  data = _data(config)
+  shard_index, num_shards, per_process_batch = _layout_shard(
+      layout, shard_index, num_shards, process_index, process_count, mesh, data)
   seed = config.get('seed', 0) if seed is None else seed
-  per_process_batch = _per_process(data.batch_size, num_shards, 'batch_size')
   source = sources.make_source(data, data.split)
 
   examples = grain.MapDataset.source(source)[shard_index::num_shards]
   if len(examples) < per_process_batch:
     raise ValueError(f'data shard {shard_index} has {len(examples)} examples of {source!r}, '
                      f'fewer than one per-process batch ({per_process_batch})')
-  seeds = lambda stream: _stream_seed(seed, shard_index, ['shuffle', 'augment', 'masks'].index(stream))
+  seeds = stream_seeds(seed, shard_index)
   if data.shuffle:
     examples = examples.shuffle(seed=seeds('shuffle'))
   examples = examples.repeat(data.num_epochs)
   examples = decode.DecodedDataset(examples, on_error='substitute')
-  build = _dinov2_batches if trainer == 'dinov2' else _clip_batches
-  batched = build(examples, config, per_process_batch, seeds)
-  description = (f'{trainer} {source!r} process {shard_index}/{num_shards} '
+  batched = host_batches(examples, per_process_batch, seeds)
+  maker = getattr(host_batches, '__qualname__', type(host_batches).__name__)
+  description = (f'{maker} {source!r} process {shard_index}/{num_shards} '
                  f'batch {per_process_batch} seed {seed} shuffle {data.shuffle} '
                  f'epochs {data.num_epochs}')
   return TrainIterator(batched, description=description, data=data, mesh=mesh)
@@ -330,31 +287,37 @@ class EvalPipeline:
       iterator.close()
 
 
-def build_eval_pipeline(config, *, split=None, shard_index=None, num_shards=None,
+def build_eval_pipeline(config, *, split=None, layout=None, shard_index=None, num_shards=None,
                         mode='center', mesh=None, process_index=None,
                         process_count=None) -> EvalPipeline:
-  """Evaluation batches: ``'center'`` resize + centre crop, or ``'native'`` (LOST) one by one."""
+  """Evaluation batches: ``'center'`` resize + centre crop, or ``'native'`` (LOST) one by one.
+
+  A ``layout`` (of the eval batch) says which shard this process reads, as for training.
+  """
   if mode not in ('center', 'native'):
     raise ValueError(f"eval mode must be 'center' or 'native', got {mode!r}")
-  trainer = _trainer(config)
-  data = _section(config, 'data', DATA_DEFAULTS)
-  aug = _section(config, 'augment', AUGMENT_DEFAULTS)
-  shard_index, num_shards = _data_shard(shard_index, num_shards, process_index, process_count,
-                                        mesh if mode == 'center' else None, data)
+  data = _data(config)
+  augment = config.get('augment') or {}
+  aug = {k: augment.get(k) for k in EVAL_AUGMENT_KEYS}
+  if layout is not None:
+    shard_index, num_shards = layout.shard_index, layout.num_shards
+  else:
+    shard_index, num_shards = _data_shard(shard_index, num_shards, process_index,
+                                          process_count, mesh if mode == 'center' else None, data)
   source = sources.make_source(data, split or data.eval_split)
-  mean = aug.mean or (transforms.IMAGENET_MEAN if trainer == 'dinov2' else transforms.CLIP_MEAN)
-  std = aug.std or (transforms.IMAGENET_STD if trainer == 'dinov2' else transforms.CLIP_STD)
+  mean = aug['mean'] or transforms.IMAGENET_MEAN
+  std = aug['std'] or transforms.IMAGENET_STD
   if mode == 'native':
     per_process_batch = 1
-    transform = transforms.EvalNative(patch_size=_section(config, 'masking', MASKING_DEFAULTS).patch_size,
-                                      mean=mean, std=std, max_size=aug.native_max_size)
+    patch_size = (config.get('masking') or {}).get('patch_size', 14)
+    transform = transforms.EvalNative(patch_size=patch_size, mean=mean, std=std,
+                                      max_size=aug['native_max_size'])
     mesh = None
   else:
     per_process_batch = _per_process(data.eval_batch_size or data.batch_size, num_shards,
                                      'eval_batch_size')
-    default_crop = 224 if trainer == 'dinov2' else aug.image_size
-    crop = aug.eval_crop_size or default_crop
-    resize = aug.eval_resize_size or (round(crop * 256 / 224) if trainer == 'dinov2' else crop)
+    crop = aug['eval_crop_size'] or 224
+    resize = aug['eval_resize_size'] or round(crop * 256 / 224)
     transform = transforms.EvalCenterCrop(resize_size=resize, crop_size=crop, mean=mean, std=std)
   num_batches = math.ceil(len(source) / (num_shards * per_process_batch))
   padded = sources.PaddedSource(source, num_batches * per_process_batch * num_shards)

@@ -74,16 +74,22 @@ def _merge(blocks) -> Blocks:
   return tuple(merged)
 
 
-def process_blocks(sharding: NamedSharding, global_batch_size: int) -> dict[int, Blocks]:
-  """Row blocks of every process under ``sharding`` (leading axis = batch)."""
+def process_blocks(sharding: NamedSharding, global_batch_size: int,
+                   process_of=None) -> dict[int, Blocks]:
+  """Row blocks of every process under ``sharding`` (leading axis = batch).
+
+  ``process_of(device)`` (default: ``device.process_index``) lets one host
+  lay out a batch for another process grouping of the same devices.
+  """
+  process_of = process_of or (lambda device: device.process_index)
   rows = collections.defaultdict(set)
   for device, index in sharding.devices_indices_map((global_batch_size,)).items():
-    rows[device.process_index].add((index[0].start or 0, index[0].stop or global_batch_size))
+    rows[process_of(device)].add((index[0].start or 0, index[0].stop or global_batch_size))
   return {process: _merge(blocks) for process, blocks in sorted(rows.items())}
 
 
 def layout_from_sharding(sharding: NamedSharding, global_batch_size: int,
-                         process_index: int | None = None) -> BatchLayout:
+                         process_index: int | None = None, process_of=None) -> BatchLayout:
   """The layout of ``process_index`` (default: this process) under a batch sharding.
 
   Distinct row sets must partition the batch into equal parts (each row read
@@ -91,7 +97,7 @@ def layout_from_sharding(sharding: NamedSharding, global_batch_size: int,
   ``MESH_AXES``; a hand-made device order that breaks it fails here.
   """
   process_index = jax.process_index() if process_index is None else process_index
-  blocks = process_blocks(sharding, global_batch_size)
+  blocks = process_blocks(sharding, global_batch_size, process_of)
   if process_index not in blocks:
     raise ValueError(f'process {process_index} holds no device of the mesh; processes with '
                      f'devices: {sorted(blocks)}')
@@ -114,11 +120,12 @@ def layout_from_sharding(sharding: NamedSharding, global_batch_size: int,
 
 
 def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int,
-                 process_index: int | None = None) -> BatchLayout:
+                 process_index: int | None = None, process_of=None) -> BatchLayout:
   """Validates ``global_batch_size`` against the mesh; finds a process's rows.
 
-  ``process_index`` defaults to this process; other values let a single host
-  inspect a pod's layout (e.g. on the compile-only devices of a TPU topology).
+  ``process_index`` defaults to this process; other values (and ``process_of``,
+  see ``process_blocks``) let a single host inspect a pod's layout (e.g. on the
+  compile-only devices of a TPU topology).
   """
   axes = batch_mesh_axes(rules, mesh)
   shards = math.prod(mesh.shape[a] for a in axes)
@@ -130,7 +137,7 @@ def batch_layout(mesh: Mesh, rules: rules_lib.Rules, global_batch_size: int,
         f'shards of the mesh ({sizes}); use a multiple of {shards}, e.g. '
         f'{max(lower, shards)} or {lower + shards}')
   sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-  return layout_from_sharding(sharding, global_batch_size, process_index)
+  return layout_from_sharding(sharding, global_batch_size, process_index, process_of)
 
 
 def batch_shardings(batch_axes: Mapping[str, Sequence[str | None]], batch: Mapping[str, Any],

@@ -78,6 +78,31 @@ def validate_strategy(strategy: str, mesh: Mesh) -> None:
         f"{mesh.shape['tensor']}): set config.mesh.tensor=1 or config.sharding.strategy='fsdp_tp'")
 
 
+def rules_from_config(sharding_config, mesh: Mesh) -> Rules:
+  """``sharding.rules`` when given (pairs of logical name -> mesh axes), else the strategy's.
+
+  The override serves experiments with a layout the strategies do not offer;
+  its logical names are checked, its mesh axes must exist.
+  """
+  strategy = sharding_config['strategy']
+  validate_strategy(strategy, mesh)
+  override = sharding_config.get('rules')
+  if not override:
+    return get_rules(strategy)
+  rules = []
+  for pair in override:
+    if len(pair) != 2:
+      raise ValueError(f'sharding.rules entry {pair!r}: expected (logical name, mesh axes)')
+    name, axes = pair
+    check_names((name,), 'sharding.rules')
+    axes = _as_tuple(axes) if axes is not None else ()
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if missing:
+      raise ValueError(f'sharding.rules maps {name!r} to {missing}; mesh axes: {mesh.axis_names}')
+    rules.append((name, _from_tuple(axes) if axes else None))
+  return tuple(rules)
+
+
 def _as_tuple(axes) -> tuple[str, ...]:
   if axes is None:
     return ()

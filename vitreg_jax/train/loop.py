@@ -1,10 +1,11 @@
 """The one training loop every recipe shares.
 
-``run(config, workdir)``: mesh and recipe from the config, the data pipeline,
-the latest checkpoint in ``workdir`` (resume is automatic), then steps with
-logging, periodic evaluation, asynchronous checkpoints and, at the end, export
-of the trained backbone. Recipes (``train/recipes.py``) only provide state,
-step, FLOPs and, for SSL recipes, ``teacher_backbone(state)``.
+``run(recipe, config, workdir)``: the recipe on the config's mesh, the data
+pipeline over the recipe's batch function and the batch layout, the latest
+readable checkpoint in ``workdir`` (resume is automatic, the saved config is
+checked against this one), then steps with logging, the recipe's evaluators
+on their schedule, asynchronous checkpoints and, at the end, the recipe's
+exports. The loop sees a recipe only through ``train/recipe.py``.
 
 Failure behaviour a pod user relies on:
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from vitreg_jax import checkpoint
 from vitreg_jax.data import pipeline
-from vitreg_jax.train import evaluate, metrics_log, mfu, recipes, sharded as sharded_lib
+from vitreg_jax.train import metrics_log, mfu, sharded as sharded_lib
 
 
 # Where each format goes under workdir/export (folders for vitreg and hf).
@@ -57,13 +58,12 @@ class _TerminationFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, losses, last_saved: int | None) -> None:
+def _check_finite(step: int, losses, last_saved: int | None, hint: str) -> None:
   bad = [float(v) for v in np.atleast_1d(losses) if not np.isfinite(v)]
   if bad:
     raise NonFiniteLossError(
         f'loss became {bad[0]} at or before step {step}; stopping without saving this state '
-        f'(last good checkpoint: step {last_saved}). Lower optim.base_lr, check the data, or '
-        'raise optim.clip_grad / use float32.')
+        f'(last good checkpoint: step {last_saved}). {hint[:1].upper()}{hint[1:]}.')
 
 
 class BrokenInvariantError(RuntimeError):
@@ -81,88 +81,122 @@ def _check_zero(step: int, fetched, names) -> None:
           'config.group_size images); stopping before the state is saved')
 
 
-def _export(recipe, state, config, workdir: str) -> None:
-  """The trained backbone in every configured format, under ``workdir/export/FORMAT``."""
-  if not hasattr(recipe, 'teacher_backbone'):
-    return
+def export_paths(name: str, workdir: str) -> dict[str, str]:
+  """Format -> path of export ``name`` (the recipe's main export ``backbone`` keeps plain names)."""
+  prefix = '' if name == 'backbone' else f'{name}_'
+  return {fmt: os.path.join(workdir, 'export', prefix + leaf) for fmt, leaf in EXPORT_NAMES.items()}
+
+
+def _export(recipe, state, config, workdir: str) -> dict[str, list[str]]:
+  """The recipe's exports in every configured format; returns name -> written paths."""
   from vitreg_jax import convert  # pylint: disable=import-outside-toplevel
-  model, variables = recipe.teacher_backbone(state)
-  variables = jax.tree.map(np.asarray, jax.device_get(
-      multihost_utils.process_allgather(variables, tiled=True)))
-  if jax.process_index() != 0:
-    return
-  for fmt in config.train.export_formats:
-    if fmt not in EXPORT_NAMES:
-      raise ValueError(f'train.export_formats has {fmt!r}; valid: {sorted(EXPORT_NAMES)}')
-    target = os.path.join(workdir, 'export', EXPORT_NAMES[fmt])
-    if target.endswith('.pth') and importlib.util.find_spec('torch') is None:
-      logging.warning('skipped the %s export: .pth files need torch (pip install -e ".[torch]")',
-                      fmt)
+  unknown = [f for f in config.train.export_formats if f not in EXPORT_NAMES]
+  if unknown:
+    raise ValueError(f'train.export_formats has {unknown[0]!r}; valid: {sorted(EXPORT_NAMES)}')
+  written = {}
+  for name, item in recipe.exports(state).items():
+    variables, head = jax.tree.map(np.asarray, jax.device_get(
+        multihost_utils.process_allgather((item.variables, item.head), tiled=True)))
+    if jax.process_index() != 0:
       continue
-    convert.save(model, variables, f'{fmt}:{target}')
-    logging.info('exported the backbone as %s to %s', fmt, target)
+    paths = export_paths(name, workdir)
+    for fmt in config.train.export_formats:
+      target = paths[fmt]
+      if target.endswith('.pth') and importlib.util.find_spec('torch') is None:
+        logging.warning('skipped the %s export: .pth files need torch (pip install -e ".[torch]")',
+                        fmt)
+        continue
+      options = dict(item.convert_options.get(fmt, {}))
+      if head is not None and fmt == 'timm':
+        options['head'] = head
+      convert.save(item.module, variables, f'{fmt}:{target}', **options)
+      written.setdefault(name, []).append(target)
+  return written
 
 
-def export(config, workdir: str) -> None:
-  """``--mode=export``: the latest checkpoint's backbone in every configured format."""
-  sharded = sharded_lib.from_config(config)
-  ckpt = checkpoint.RunCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=1)
-  state, step = ckpt.restore(sharded.abstract_sharded_state(), None)
-  logging.info('exporting step %d', step)
-  _export(sharded.recipe, state, config, workdir)
-  ckpt.close()
+def _open_checkpoints(workdir: str, config, recipe, **kwargs) -> checkpoint.RunCheckpointer:
+  best = recipe.best_metric
+  return checkpoint.RunCheckpointer(
+      os.path.join(workdir, 'checkpoints'), best_metric=best[0] if best else None,
+      best_mode=best[1] if best else 'max', **kwargs)
 
 
-def evaluate_checkpoint(config, workdir: str | None, random_init: bool = False) -> dict:
-  """``--mode=eval``: kNN and token-norm metrics of the latest checkpoint's teacher.
+def _restore(recipe, config, workdir: str, allow_config_changes: bool = False):
+  """``(sharded, state, step)`` of the latest readable checkpoint, the saved config checked."""
+  sharded = sharded_lib.ShardedRecipe.from_config(recipe, config)
+  ckpt = _open_checkpoints(workdir, config, recipe, save_every=1)
+  try:
+    ckpt.check_config(config, allow_config_changes)
+    state, step = ckpt.restore(sharded.abstract_sharded_state(), None)
+  finally:
+    ckpt.close()
+  return sharded, state, step
+
+
+def export(recipe, config, workdir: str, allow_config_changes: bool = False) -> dict[str, list[str]]:
+  """``--mode=export``: the latest readable checkpoint's exports in every configured format."""
+  _, state, step = _restore(recipe, config, workdir, allow_config_changes)
+  written = _export(recipe, state, config, workdir)
+  metrics_log.summary(f'exported step {step}', written)
+  return written
+
+
+def evaluate_checkpoint(recipe, config, workdir: str | None, random_init: bool = False,
+                        allow_config_changes: bool = False) -> dict:
+  """``--mode=eval``: every evaluator of the recipe on the latest readable checkpoint.
 
   ``random_init`` evaluates the same network freshly initialised (seed
-  ``config.seed``): the baseline SSL features must beat.
+  ``config.seed``): the baseline learned features must beat.
   """
-  sharded = sharded_lib.from_config(config)
   if random_init:
+    sharded = sharded_lib.ShardedRecipe.from_config(recipe, config)
     state = sharded.init(jax.random.key(config.seed))
   else:
-    ckpt = checkpoint.RunCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=1)
-    state, step = ckpt.restore(sharded.abstract_sharded_state(), None)
-    ckpt.close()
+    sharded, state, step = _restore(recipe, config, workdir, allow_config_changes)
     logging.info('evaluating step %d', step)
-  model, variables = sharded.recipe.teacher_backbone(state)
-  return evaluate.knn_evaluation(model, variables, config, sharded.mesh, sharded.rules)
+  metrics = {}
+  for evaluator in recipe.evaluators():
+    metrics.update(evaluator.run(state, sharded.mesh, sharded.rules))
+  return metrics
 
 
-def run(config, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir``; returns the last logged metrics."""
-  sharded = sharded_lib.from_config(config)
-  recipe = sharded.recipe
-  global_batch = recipes.global_batch_size(config)
-  # Fails early, naming the numbers, if the batch does not divide; says which data shard
-  # this process reads (processes holding the same rows read the same one).
+def _due(evaluator, step: int, total_steps: int) -> bool:
+  return step == total_steps or (evaluator.every > 0 and step % evaluator.every == 0)
+
+
+def run(recipe, config, workdir: str, allow_config_changes: bool = False) -> dict:
+  """Trains ``recipe`` (built from ``config``) in ``workdir``; returns the last logged metrics."""
+  sharded = sharded_lib.ShardedRecipe.from_config(recipe, config)
+  global_batch = int(recipe.global_batch_size)
+  # Fails early, naming the numbers, if the batch does not divide the mesh; says which
+  # rows this process feeds and which data shard it reads.
   layout = sharded.batch_layout(global_batch)
   total_steps = int(recipe.total_steps)
   train_cfg = config.train
+  evaluators = list(recipe.evaluators())
 
-  data_iter = pipeline.build_train_pipeline(config, shard_index=layout.shard_index,
-                                            num_shards=layout.num_shards, seed=config.seed)
-  ckpt = checkpoint.RunCheckpointer(
-      os.path.join(workdir, 'checkpoints'), save_every=train_cfg.checkpoint_every,
-      keep=train_cfg.keep_checkpoints, best_metric='knn_top1')
+  data_iter = pipeline.build_train_pipeline(config, recipe.host_batches, layout=layout,
+                                            seed=config.seed)
+  ckpt = _open_checkpoints(workdir, config, recipe, save_every=train_cfg.checkpoint_every,
+                           keep=train_cfg.keep_checkpoints)
   if ckpt.latest_step is not None:
+    ckpt.check_config(config, allow_config_changes)
     state, start_step = ckpt.restore(sharded.abstract_sharded_state(), data_iter,
                                      set_aside_unreadable=True)
-    logging.info('resuming from step %d', start_step)
+    logging.warning('resuming from step %d of %d', start_step, total_steps)
   else:
     state, start_step = sharded.init(jax.random.key(config.seed)), 0
   writer = metrics_log.MetricWriter(workdir)
   total_peak = mfu.peak_flops(train_cfg.peak_flops_per_device, jax.device_count())
   flops_per_step = recipe.analytic_flops(global_batch)
   rng = jax.random.key(config.seed)
-  batch_keys = tuple(recipe.batch_axes)
+  batch_keys = tuple(recipe.batch_spec)
   termination = _TerminationFlag()
   pending, skipped_images, last_saved = [], 0, ckpt.latest_step
   last_metrics: dict = {}
   window_start, window_steps = time.perf_counter(), 0
   step = start_step
+  written = {}
   try:
     while step < total_steps:
       local = next(data_iter)
@@ -177,7 +211,7 @@ def run(config, workdir: str) -> dict:
       save_now = ckpt.should_save(step) or step == total_steps or stopping
       if log_now or save_now:
         fetched = jax.device_get(pending)
-        _check_finite(step, [m['loss'] for m in fetched], last_saved)
+        _check_finite(step, [m['loss'] for m in fetched], last_saved, recipe.nonfinite_hint)
         _check_zero(step, fetched, recipe.zero_metrics)
         elapsed = time.perf_counter() - window_start
         seconds_per_step = elapsed / max(window_steps, 1)
@@ -186,38 +220,41 @@ def run(config, workdir: str) -> dict:
           writer.write(first + offset, values)
         last_metrics = dict(fetched[-1])
         if log_now:
-          logging.info(metrics_log.progress_line(
-              step, total_steps, last_metrics, global_batch / seconds_per_step,
-              (total_steps - step) * seconds_per_step,
-              mfu.mfu(flops_per_step, seconds_per_step, total_peak), skipped_images))
+          utilisation = mfu.mfu(flops_per_step, seconds_per_step, total_peak)
+          metrics_log.progress(metrics_log.progress_line(
+              step, total_steps, last_metrics, recipe.progress_keys,
+              global_batch / seconds_per_step, (total_steps - step) * seconds_per_step,
+              utilisation, skipped_images))
           writer.write(step, {'images_per_second': global_batch / seconds_per_step,
-                              'skipped_images': skipped_images,
-                              'mfu': mfu.mfu(flops_per_step, seconds_per_step, total_peak)})
+                              'skipped_images': skipped_images, 'mfu': utilisation})
         pending = []
         window_start, window_steps = time.perf_counter(), 0
-      eval_metrics = None
-      if hasattr(recipe, 'teacher_backbone') and (
-          step % train_cfg.eval_every == 0 or step == total_steps):
-        model, variables = recipe.teacher_backbone(state)
-        eval_metrics = evaluate.knn_evaluation(model, variables, config, sharded.mesh,
-                                               sharded.rules)
+      eval_metrics = {}
+      for evaluator in evaluators:
+        if _due(evaluator, step, total_steps):
+          eval_metrics.update(evaluator.run(state, sharded.mesh, sharded.rules))
+      if eval_metrics:
         writer.write(step, eval_metrics)
         last_metrics.update(eval_metrics)
-        logging.info('eval at step %d: %s', step,
-                     ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
+        metrics_log.progress(f'eval at step {step}: ' + ', '.join(
+            f'{k} {v:.4g}' for k, v in eval_metrics.items()))
         window_start = time.perf_counter()  # evaluation time is not training throughput
       if save_now:
-        ckpt.save(step, state, data_iter, config, metrics=eval_metrics, force=True)
+        ckpt.save(step, state, data_iter, config, metrics=eval_metrics or None, force=True)
         last_saved = step
       if stopping:
         logging.warning('stopped at step %d on request; checkpoint saved', step)
         break
     ckpt.wait()
     if step == total_steps:
-      _export(recipe, state, config, workdir)
+      written = _export(recipe, state, config, workdir)
   finally:
     termination.restore()
     ckpt.close()
     writer.close()
     data_iter.close()
+  metrics_log.summary(
+      f'{"finished" if step == total_steps else "stopped"} at step {step} of {total_steps}; '
+      f'checkpoints in {os.path.join(workdir, "checkpoints")}, metrics in '
+      f'{os.path.join(workdir, "metrics.jsonl")}', written)
   return last_metrics

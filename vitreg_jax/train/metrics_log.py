@@ -1,7 +1,10 @@
-"""Where metrics go: a JSONL file, TensorBoard event files, and a progress line.
+"""Where metrics go: a JSONL file, TensorBoard event files, and the console.
 
-Only process 0 writes files (every process holds the same global metrics).
-TensorBoard events are written with tensorboardX, so no TensorFlow is needed.
+Only process 0 writes files and prints (every process holds the same global
+metrics). TensorBoard events are written with tensorboardX, so no TensorFlow
+is needed. The console gets the progress line, evaluations and a final
+summary on stdout, whatever the log verbosity (``main`` keeps third-party
+INFO logs off unless ``--verbosity=1``).
 """
 
 import json
@@ -59,15 +62,30 @@ def format_duration(seconds: float) -> str:
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{secs:02d}s'
 
 
-def progress_line(step: int, total: int, metrics: dict, images_per_second: float,
+def progress(line: str) -> None:
+  """A console line from process 0 (stdout, flushed: visible in pod logs as it happens)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def summary(headline: str, written: dict[str, list[str]]) -> None:
+  """Where the run's results went: the headline, then each export's files."""
+  lines = [headline]
+  for name, paths in written.items():
+    lines.append(f'  export {name}: ' + ', '.join(paths))
+  progress('\n'.join(lines))
+
+
+def progress_line(step: int, total: int, metrics: dict, keys, images_per_second: float,
                   eta_seconds: float, mfu: float | None, skipped: int) -> str:
-  """``step 100/300 | loss 10.54 dino_global 1.09 ... | lr 4.3e-05 | 310 img/s | ETA 1m05s ...``."""
-  loss_terms = ' '.join(f'{k} {_scalar(v):.4g}' for k, v in metrics.items()
-                        if k == 'loss' or k in ('dino_global', 'dino_local', 'koleo', 'ibot'))
-  lr = metrics.get('lr', metrics.get('learning_rate'))
-  parts = [f'step {step}/{total}', loss_terms]
-  if lr is not None:
-    parts.append(f'lr {_scalar(lr):.3g}')
+  """``step 100/300 | loss 10.54 dino_global 1.09 ... | 310 img/s | ETA 1m05s ...``.
+
+  ``keys`` are the recipe's progress keys (``Recipe.progress_keys``), shown
+  after ``loss`` when the step reports them.
+  """
+  shown = ['loss'] + [k for k in keys if k != 'loss']
+  values = ' '.join(f'{k} {_scalar(metrics[k]):.4g}' for k in shown if k in metrics)
+  parts = [f'step {step}/{total}', values]
   parts.append(f'{images_per_second:.1f} img/s')
   parts.append(f'ETA {format_duration(eta_seconds)}')
   if mfu is not None:

@@ -33,7 +33,6 @@ import jax
 import numpy as np
 
 from vitreg_jax.parallel import topology as topology_lib
-from vitreg_jax.train import recipes
 from vitreg_jax.train import sharded as sharded_lib
 
 GIB = 1024 ** 3
@@ -192,9 +191,13 @@ def _devices(num_devices: int | None, topology: str | None, num_slices: int) -> 
   return jax.devices()
 
 
-def plan_config(config, num_devices: int | None = None, hbm_gib: float | None = None, *,
-                topology: str | None = None, num_slices: int = 1) -> Plan:
-  """Plans ``config``'s recipe on a TPU ``topology`` or on ``num_devices`` local devices.
+def plan_config(config, make_recipe, num_devices: int | None = None,
+                hbm_gib: float | None = None, *, topology: str | None = None,
+                num_slices: int = 1) -> Plan:
+  """Plans ``make_recipe(config)`` on a TPU ``topology`` or on ``num_devices`` local devices.
+
+  ``make_recipe`` (e.g. ``vitreg_jax.recipes.build``) sees the config as
+  planned (attention impl resolved for the TPU).
 
   ``hbm_gib`` defaults to the TPU generation's HBM per chip (16 GiB for
   simulated devices). Attention 'auto' is planned as 'xla', the TPU choice,
@@ -218,8 +221,8 @@ def plan_config(config, num_devices: int | None = None, hbm_gib: float | None = 
   if devices[0].platform != 'tpu':
     notes.append('temporaries and XLA FLOPs are XLA:CPU estimates; install libtpu '
                  "(pip install -e '.[tpu]') and plan with --plan.topology for the TPU's")
-  sharded = sharded_lib.from_config(config, devices)
-  result = plan(sharded, recipes.global_batch_size(config), hbm_gib,
+  sharded = sharded_lib.ShardedRecipe.from_config(make_recipe(config), config, devices)
+  result = plan(sharded, sharded.recipe.global_batch_size, hbm_gib,
                 strategy=config.sharding.strategy)
   result.topology, result.num_slices = topology, num_slices
   result.arch = str(config.model.get('arch', ''))

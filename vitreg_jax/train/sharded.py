@@ -14,12 +14,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vitreg_jax.parallel import batch as batch_lib
 from vitreg_jax.parallel import rules as rules_lib
+from vitreg_jax.train import recipe as recipe_lib
 from vitreg_jax.train import state as state_lib
-from vitreg_jax.train.recipes import Recipe
+from vitreg_jax.train.recipe import Recipe
 
 
 class ShardedRecipe:
   """``recipe`` on ``mesh`` under ``rules`` (see ``parallel/rules.py``)."""
+
+  @classmethod
+  def from_config(cls, recipe: Recipe, config, devices=None) -> 'ShardedRecipe':
+    """``recipe`` on a mesh from ``config.mesh`` under ``config.sharding``'s rules."""
+    from vitreg_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    return cls(recipe, mesh, rules_lib.rules_from_config(config.sharding, mesh))
 
   def __init__(self, recipe: Recipe, mesh: Mesh, rules: rules_lib.Rules):
     self.recipe, self.mesh, self.rules = recipe, mesh, rules
@@ -50,17 +58,18 @@ class ShardedRecipe:
     return self._layouts[global_batch_size]
 
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-    return batch_lib.batch_shardings(self.recipe.batch_axes, batch, self.mesh, self.rules)
+    return batch_lib.batch_shardings(recipe_lib.batch_axes(self.recipe), batch, self.mesh,
+                                     self.rules)
 
   def global_batch(self, local_batch: Mapping[str, Any], global_batch_size: int):
     """This process's rows -> global arrays (see ``parallel/batch.py``)."""
     layout = self.batch_layout(global_batch_size)
-    abstract = self.recipe.abstract_batch(global_batch_size)
+    abstract = recipe_lib.abstract_batch(self.recipe, global_batch_size)
     return batch_lib.global_batch(local_batch, layout, self.batch_shardings(abstract))
 
   def abstract_batch(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     self.batch_layout(global_batch_size)  # validates the size against the mesh
-    abstract = self.recipe.abstract_batch(global_batch_size)
+    abstract = recipe_lib.abstract_batch(self.recipe, global_batch_size)
     shardings = self.batch_shardings(abstract)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
             for k, v in abstract.items()}
@@ -90,13 +99,3 @@ class ShardedRecipe:
     key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
     rng = jax.ShapeDtypeStruct((), key_dtype, sharding=self.replicated)
     return self._jitted_step(batch).lower(self.abstract_sharded_state(), batch, rng)
-
-
-def from_config(config, devices=None) -> ShardedRecipe:
-  """``config.trainer``'s recipe on a mesh from ``config.mesh`` under ``config.sharding``."""
-  from vitreg_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import recipes  # pylint: disable=import-outside-toplevel
-  mesh = mesh_lib.create_mesh(config.mesh, devices)
-  strategy = config.sharding.strategy
-  rules_lib.validate_strategy(strategy, mesh)
-  return ShardedRecipe(recipes.get_recipe(config), mesh, rules_lib.get_rules(strategy))

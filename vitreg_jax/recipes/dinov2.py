@@ -31,7 +31,8 @@ on how many processes or devices run it.
 Config keys read: ``model.*``, ``group_size``, ``dino.*``, ``ibot.*``,
 ``teacher.*``, ``optim.*``, ``centering``, and the data pipeline's
 ``augment.*`` crop sizes, ``masking.*`` and ``data.batch_size`` (see
-``configs/dinov2_reg.py``).
+``configs/dinov2_reg.py``). Evaluation: kNN top-1 of the teacher's cls token;
+export: the teacher backbone.
 """
 
 from typing import Any
@@ -40,14 +41,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vitreg_jax import config as config_lib
 from vitreg_jax.analysis import norms
+from vitreg_jax.data.multicrop import MultiCropBatches
+from vitreg_jax.evals.knn import KnnEvaluator
 from vitreg_jax.losses import centering, dino, ibot, koleo
 from vitreg_jax.models import layers
 from vitreg_jax.models.heads import DINOHead
 from vitreg_jax.models.build import backbone_from_config, dtype_from_name
 from vitreg_jax.parallel import rules as rules_lib
 from vitreg_jax.train import flops, optim, schedules
+from vitreg_jax.train.recipe import BatchField, Export
 from vitreg_jax.train.state import TrainState, unbox
+
+# Config sections of this recipe, besides the shared ones (vitreg_jax/config.py).
+SECTIONS = ('model', 'group_size', 'centering', 'dino', 'ibot', 'teacher', 'augment', 'masking')
+NONFINITE_HINT = ('lower optim.base_lr, check the data, or raise optim.clip_grad / use '
+                  'model.dtype=float32')
 
 
 def _merge(x):
@@ -80,23 +90,25 @@ def head_flops(head: DINOHead, in_dim: int) -> float:
 
 
 class DinoV2Recipe:
-  """See ``vitreg_jax/train/recipes.py`` for the interface."""
-  name = 'dinov2'
+  """See ``vitreg_jax/train/recipe.py`` for the interface."""
   # Metrics that must stay exactly zero: the data pipeline stratifies mask
   # ratios within the groups the iBOT budget is computed for.
   zero_metrics = ('ibot_dropped_patches',)
+  progress_keys = ('dino_global', 'dino_local', 'koleo', 'ibot', 'lr', 'teacher_entropy')
+  best_metric = ('knn_top1', 'max')
+  nonfinite_hint = NONFINITE_HINT
 
   def __init__(self, config):
+    config_lib.validate_shared(config, SECTIONS)
+    config_lib.check_choice(config.optim.optimizer, ('adamw',), 'optim.optimizer')
     self.config = config
     crops = config.augment
     self.global_size = int(crops.global_crops_size)
     self.local_size = int(crops.local_crops_size)
     self.n_local = int(crops.local_crops_number)
-    self.batch_axes = {'global_crops': ('batch', None, None, None, None),
-                       'masks': ('batch', None, None, None)}
-    if self.n_local:
-      self.batch_axes['local_crops'] = ('batch', None, None, None, None)
     self.global_batch = int(config.data.batch_size)
+    self.global_batch_size = self.global_batch
+    self.host_batches = MultiCropBatches(config)
     self.group = group_size(config)
     self.backbone = backbone_from_config(
         config.model, img_size=self.global_size,
@@ -111,8 +123,7 @@ class DinoV2Recipe:
         out_dim=config.ibot.head_n_prototypes, hidden_dim=config.ibot.head_hidden_dim,
         bottleneck_dim=config.ibot.head_bottleneck_dim, nlayers=config.ibot.head_nlayers,
         dtype=dtype) if self.separate_ibot_head else self.dino_head
-    if config.centering not in centering.CENTERING_MODES:
-      raise ValueError(f'config.centering={config.centering!r}; valid: {centering.CENTERING_MODES}')
+    config_lib.check_choice(config.centering, centering.CENTERING_MODES, 'centering')
     p = self.backbone.patch_size
     if self.global_size % p or self.local_size % p:
       raise ValueError(f'crop sizes {self.global_size}/{self.local_size} must be multiples of '
@@ -128,7 +139,8 @@ class DinoV2Recipe:
     if o.scaling_rule == 'sqrt_wrt_1024':
       lr = schedules.scaled_lr(o.base_lr, self.global_batch)
     elif o.scaling_rule != 'none':
-      raise ValueError(f"optim.scaling_rule={o.scaling_rule!r}; valid: 'sqrt_wrt_1024', 'none'")
+      raise config_lib.ConfigError(
+          f"optim.scaling_rule={o.scaling_rule!r}; valid: 'sqrt_wrt_1024', 'none'")
     t = config.teacher
     self.schedules = schedules.DinoV2Schedules(
         lr=lr, epochs=o.epochs, epoch_length=o.epoch_length, warmup_epochs=o.warmup_epochs,
@@ -139,8 +151,15 @@ class DinoV2Recipe:
         freeze_last_layer_epochs=o.freeze_last_layer_epochs)
     self.tx = optim.dinov2_optimizer(
         self.schedules, layerwise_decay=o.layerwise_decay,
-        patch_embed_lr_mult=o.patch_embed_lr_mult, clip_grad=o.clip_grad,
-        b1=o.adamw_beta1, b2=o.adamw_beta2)
+        patch_embed_lr_mult=o.patch_embed_lr_mult, clip_grad=o.clip_grad, b1=o.b1, b2=o.b2)
+    g, l, grid = self.global_size, self.local_size, self.grid
+    self.batch_spec = {
+        'global_crops': BatchField((2, g, g, 3), jnp.float32, ('batch', None, None, None, None)),
+        'masks': BatchField((2, grid, grid), jnp.bool_, ('batch', None, None, None)),
+    }
+    if self.n_local:
+      self.batch_spec['local_crops'] = BatchField((self.n_local, l, l, 3), jnp.float32,
+                                                  ('batch', None, None, None, None))
 
   @property
   def total_steps(self) -> int:
@@ -162,16 +181,6 @@ class DinoV2Recipe:
         teacher=plain,  # the teacher starts as a copy of the student
         center_dino=jnp.zeros((self.dino_head.out_dim,), jnp.float32),
         center_ibot=jnp.zeros((self.ibot_head.out_dim,), jnp.float32))
-
-  def abstract_batch(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    b, g, l = global_batch_size, self.global_size, self.local_size
-    batch = {
-        'global_crops': jax.ShapeDtypeStruct((b, 2, g, g, 3), jnp.float32),
-        'masks': jax.ShapeDtypeStruct((b, 2, self.grid, self.grid), jnp.bool_),
-    }
-    if self.n_local:
-      batch['local_crops'] = jax.ShapeDtypeStruct((b, self.n_local, l, l, 3), jnp.float32)
-    return batch
 
   # --- the step ------------------------------------------------------------
   def _ibot_head_params(self, params):
@@ -257,6 +266,14 @@ class DinoV2Recipe:
     """``(model, variables)`` of the teacher backbone: what DINOv2 evaluates and ships."""
     return self.backbone, {'params': state.extras['teacher']['backbone']}
 
+  def evaluators(self):
+    return [KnnEvaluator(self.config, self.teacher_backbone,
+                         every=int(self.config.train.eval_every))]
+
+  def exports(self, state: TrainState) -> dict[str, Export]:
+    model, variables = self.teacher_backbone(state)
+    return {'backbone': Export(model, variables)}
+
   def analytic_flops(self, global_batch_size: int) -> float:
     """Model FLOPs of one step; the subset drop path runs residual branches on fewer rows."""
     g, l = (self.global_size,) * 2, (self.local_size,) * 2
@@ -284,7 +301,7 @@ def group_size(config) -> int:
   """Images per group (KoLeo, iBOT budget, subset drop path); must divide the global batch."""
   group, batch = int(config.group_size), int(config.data.batch_size)
   if group < 2 or batch % group:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f'group_size={group} must be >= 2 and divide the global batch data.batch_size={batch} '
         '(KoLeo and the iBOT budget are computed within groups of this many images)')
   return group
