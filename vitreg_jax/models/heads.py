@@ -107,3 +107,34 @@ class DINOHead(nn.Module):
                       self.dtype, name='mlp')(x)
     x = l2_normalize(x)
     return WeightNormLinear(self.out_dim, self.dtype, name='last_layer')(x)
+
+
+class ViTClassifier(nn.Module):
+  """A backbone + ``head: Dense(embed -> classes)`` on its normed cls token (DeiT / timm).
+
+  Returns the backbone's output dict plus ``logits [B, classes]`` (float32),
+  so the feature pass and every analysis read a classifier like a backbone.
+  ``pool='mean'`` averages the patch tokens instead; registers are never pooled.
+  """
+  backbone: nn.Module
+  num_classes: int
+  pool: str = 'cls'
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, **kwargs):
+    if self.pool not in ('cls', 'mean'):
+      raise ValueError(f"pool={self.pool!r}; valid: 'cls', 'mean'")
+    out = dict(self.backbone(images, train=train, **kwargs))
+    if self.pool == 'cls':
+      if 'cls' not in out:
+        raise ValueError("pool='cls' needs a class token; use pool='mean'")
+      features = out['cls']
+    else:
+      features = out['patches'].mean(axis=1)
+    features = nn.with_logical_constraint(features, ('batch', 'embed'))
+    logits = nn.Dense(self.num_classes, dtype=self.backbone.dtype,
+                      kernel_init=logical(LINEAR_INIT, 'embed', 'classes'),
+                      bias_init=logical(nn.initializers.zeros, 'classes'),
+                      name='head')(features)
+    out['logits'] = logits.astype(jnp.float32)
+    return out
