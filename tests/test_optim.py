@@ -15,7 +15,9 @@ import torch
 from vitreg_jax.models.heads import DINOHead
 from vitreg_jax.models.vit import get_arch
 from vitreg_jax.train import optim
-from vitreg_jax.train.schedules import DinoV2Schedules, cosine_schedule, scaled_lr
+from vitreg_jax.recipes import deit3, dinov2_optim
+from vitreg_jax.recipes.dinov2_optim import DinoV2Schedules
+from vitreg_jax.train.schedules import cosine_schedule, scaled_lr
 
 # ---------------------------------------------------------------------------
 # Schedules: values at chosen steps against closed forms written out here.
@@ -121,9 +123,9 @@ def _leaves(tree):
 
 def test_multipliers_unscanned_follow_reference_rules():
   shapes = _student_shapes(scan_blocks=False)
-  lr, wd, last = (_leaves(t) for t in optim.param_multipliers(shapes, 0.9, 0.2))
+  lr, wd, last = (_leaves(t) for t in dinov2_optim.param_multipliers(shapes, 0.9, 0.2))
   # flax LogicallyPartitioned boxes (params straight from init) give the same multipliers
-  boxed = _leaves(optim.param_multipliers(_student_shapes(False, unbox=False), 0.9, 0.2)[0])
+  boxed = _leaves(dinov2_optim.param_multipliers(_student_shapes(False, unbox=False), 0.9, 0.2)[0])
   assert boxed == lr
   assert len(lr) == len(_leaves(shapes)) > 60
   for path in lr:
@@ -146,9 +148,9 @@ def test_multipliers_unscanned_follow_reference_rules():
 
 
 def test_multipliers_scanned_are_per_layer_vectors():
-  flat = _leaves(optim.param_multipliers(_student_shapes(False), 0.9, 0.2)[0])
+  flat = _leaves(dinov2_optim.param_multipliers(_student_shapes(False), 0.9, 0.2)[0])
   scanned_shapes = _student_shapes(True)
-  scanned = _leaves(optim.param_multipliers(scanned_shapes, 0.9, 0.2)[0])
+  scanned = _leaves(dinov2_optim.param_multipliers(scanned_shapes, 0.9, 0.2)[0])
   shapes = _leaves(scanned_shapes)
   n_block_leaves = 0
   for path, mult in scanned.items():
@@ -165,7 +167,7 @@ def test_multipliers_scanned_are_per_layer_vectors():
 
 def test_missing_backbone_key_is_a_clear_error():
   with pytest.raises(ValueError, match=r"no 'backbone' subtree; top-level keys: \['params'\]"):
-    optim.param_multipliers({'params': {'x': jnp.zeros(2)}})
+    dinov2_optim.param_multipliers({'params': {'x': jnp.zeros(2)}})
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def _torch_adamw_run(params, n_steps):
 
 
 def _optax_run(params, n_steps, to_tree=lambda t: t, from_tree=lambda t: t):
-  tx = optim.dinov2_optimizer(SCHEDULES, layerwise_decay=0.9, patch_embed_lr_mult=0.2, clip_grad=3.0)
+  tx = dinov2_optim.dinov2_optimizer(SCHEDULES, layerwise_decay=0.9, patch_embed_lr_mult=0.2, clip_grad=3.0)
   params = to_tree(params)
   state = tx.init(params)
 
@@ -313,7 +315,7 @@ def test_optimizer_state_shards_like_params():
   boxed_shapes = jax.eval_shape(lambda: {
       'backbone': vit.init(key, jnp.zeros((1, 28, 28, 3)))['params'],
       'dino_head': head.init(key, jnp.zeros((1, 32)))['params']})
-  tx = optim.dinov2_optimizer(SCHEDULES)
+  tx = dinov2_optim.dinov2_optimizer(SCHEDULES)
   state_shapes = jax.eval_shape(tx.init, boxed_shapes)
   param_specs = nn.get_partition_spec(boxed_shapes)
   state_specs = nn.get_partition_spec(state_shapes)
@@ -436,7 +438,7 @@ def test_frozen_rows_hold_params_while_moments_accumulate():
 def test_dinov2_table_is_todays_rules():
   """The DINOv2 rows reproduce the hand-written rules on every student leaf."""
   shapes = _student_shapes(scan_blocks=False)
-  table = optim.dinov2_groups(patch_embed_lr_mult=0.2, freeze_last_layer_steps=5)
+  table = dinov2_optim.dinov2_groups(patch_embed_lr_mult=0.2, freeze_last_layer_steps=5)
   for path, _ in _leaves(shapes).items():
     lr, wd, frozen = optim.group_multipliers('/'.join(path), table)
     # layer decay 1: the reference's lr multiplier is the patch embed's alone
@@ -452,7 +454,7 @@ def test_deit3_table_decays_only_matrices_not_tokens():
       'backbone': vit.init(key, jnp.zeros((1, 28, 28, 3)))['params'],
       'head': nn.Dense(10).init(key, jnp.zeros((1, 32)))['params']}))
   leaves = _leaves(shapes)
-  wd = _leaves(optim.table_multipliers(shapes, optim.deit3_groups())[1])
+  wd = _leaves(optim.table_multipliers(shapes, deit3.deit3_groups())[1])
   tokens = ('pos_embed', 'cls_token', 'register_tokens', 'mask_token')
   assert {p[-1] for p in leaves} >= set(tokens) | {'bias', 'scale', 'gamma', 'kernel'}
   for path, leaf in leaves.items():
@@ -486,7 +488,7 @@ def test_invalid_settings_name_the_value_and_the_choices():
 LAMB_LRS = [4e-3, 3e-3, 2e-3, 1e-3, 5e-4, 2e-4]
 LAMB_WDS = [0.05, 0.05, 0.0, 0.05, 0.1, 0.05]   # wd 0 at step 2: no trust ratio anywhere
 LAMB_GRAD_SCALE = [1.0, 1e-3, 1.0, 0.01, 2.0, 0.003]  # global norm ~20-40 (clipped) or < 1
-LAMB_TABLE = optim.deit3_groups() + (optim.ParamGroup(r'^head/', lr_mult=0.5),
+LAMB_TABLE = deit3.deit3_groups() + (optim.ParamGroup(r'^head/', lr_mult=0.5),
                                      optim.ParamGroup(r'patch_embed', lr_mult=0.1, frozen_steps=2))
 
 
@@ -584,7 +586,7 @@ def test_lamb_first_step_numpy_formula():
   """Step 1 written out: clip, Adam (m_hat = g, v_hat = g**2), wd, trust ratio per tensor."""
   params = _tiny_tree()
   params['backbone']['blocks_0']['attn']['qkv']['kernel'] *= 50  # a large ||p||: ratio >> 1
-  got = _optax_updates(_lamb_spec(groups=optim.deit3_groups()), params, 1)[0]
+  got = _optax_updates(_lamb_spec(groups=deit3.deit3_groups()), params, 1)[0]
   lr, wd = LAMB_LRS[0], LAMB_WDS[0]
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   grads = [np.float64(g) for g in jax.tree.leaves(_lamb_grads(params, 0))]
@@ -595,7 +597,7 @@ def test_lamb_first_step_numpy_formula():
     g = g / max(1.0, norm / 1.0)
     m_hat, v_hat = (0.1 * g) / (1 - 0.9), (0.001 * g * g) / (1 - 0.999)
     u = m_hat / (np.sqrt(v_hat) + 1e-8)
-    _, wd_mult, _ = optim.group_multipliers('/'.join(optim.dict_path(path)), optim.deit3_groups())
+    _, wd_mult, _ = optim.group_multipliers('/'.join(optim.dict_path(path)), deit3.deit3_groups())
     p = np.float64(p)
     if wd_mult:
       u = u + wd * p
@@ -620,7 +622,7 @@ def test_lamb_scanned_equals_unscanned_per_layer_trust_ratio():
   for i in range(3):
     params['backbone'][f'blocks_{i}'] = jax.tree.map(lambda x, s=10.0 ** i: x * s,
                                                      params['backbone'][f'blocks_{i}'])
-  spec = optim.OptimizerSpec(learning_rate=1e-2, weight_decay=0.05, groups=optim.deit3_groups(),
+  spec = optim.OptimizerSpec(learning_rate=1e-2, weight_decay=0.05, groups=deit3.deit3_groups(),
                              kind='lamb', clip_grad=1.0, clip_by='global', clip_eps=0.0,
                              layerwise_decay=0.9)
   tx = optim.build_optimizer(spec)
@@ -646,10 +648,10 @@ def test_lamb_scanned_equals_unscanned_per_layer_trust_ratio():
 
 
 def test_deit3_spec_is_apex_fused_lamb():
-  spec = optim.deit3_spec(learning_rate=4e-3)
+  spec = deit3.lamb_spec(learning_rate=4e-3)
   assert (spec.kind, spec.b1, spec.b2, spec.eps, spec.weight_decay) == ('lamb', 0.9, 0.999, 1e-8, 0.05)
   assert (spec.clip_grad, spec.clip_by, spec.clip_eps, spec.layerwise_decay) == (1.0, 'global', 0.0, None)
-  assert spec.groups == optim.deit3_groups()
+  assert spec.groups == deit3.deit3_groups()
   # apex's clip: g / (norm / max) when norm > max, untouched below
   grads = {'a': jnp.full((4,), 3.0), 'b': jnp.full((4,), 4.0)}  # global norm 10
   clipped, _ = optim.clip_by_global_norm(1.0, eps=0.0).update(grads, optax.EmptyState())

@@ -38,6 +38,7 @@ from vitreg_jax.losses import classification
 from vitreg_jax.models.build import backbone_from_config
 from vitreg_jax.models.heads import ViTClassifier
 from vitreg_jax.train import flops, optim, schedules
+from vitreg_jax.train.optim import OptimizerSpec, ParamGroup, Schedule
 from vitreg_jax.train.recipe import BatchField, Export
 from vitreg_jax.train.state import TrainState, unbox
 
@@ -49,6 +50,30 @@ AUGMENT = {'image_size': 224, 'spatial': 'src', 'crop_scale': (0.08, 1.0), 'colo
            'native_max_size': None}
 MIXING = {'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5, 'label_smoothing': 0.0,
           'prob': 1.0}
+
+
+def deit3_groups() -> tuple[ParamGroup, ...]:
+  """DeiT-III's table: timm's no-decay group on our flax names.
+
+  timm decays no 1-D param (our ``bias``, LayerNorm ``scale``, LayerScale
+  ``gamma``) and none of the model's ``no_weight_decay()`` names
+  (``pos_embed``, ``cls_token``); ``register_tokens`` and ``mask_token`` are
+  tokens of the same kind.
+  """
+  return (
+      ParamGroup(r'(^|/)(bias|scale|gamma)$', wd_mult=0.0),
+      ParamGroup(r'(^|/)(pos_embed|cls_token|register_tokens|mask_token)$', wd_mult=0.0),
+  )
+
+
+def lamb_spec(learning_rate: Schedule | float, weight_decay: Schedule | float = 0.05,
+               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+               max_grad_norm: float | None = 1.0) -> OptimizerSpec:
+  """DeiT-III as trained: apex ``FusedLAMB`` (its global ``max_grad_norm`` clip), ``deit3_groups``."""
+  return OptimizerSpec(
+      learning_rate=learning_rate, weight_decay=weight_decay, groups=deit3_groups(),
+      kind='lamb', b1=b1, b2=b2, eps=eps, clip_grad=max_grad_norm, clip_by='global',
+      clip_eps=0.0, layerwise_decay=None)
 
 
 class HostBatches:
@@ -112,9 +137,9 @@ class DeiT3Recipe:
     self.learning_rate = lambda step: schedules.cosine_schedule(
         step, o.base_lr, o.min_lr, self.total_steps, warmup_steps=warmup,
         start_warmup_value=o.warmup_init_lr)
-    # apex FusedLAMB clips by the global norm without an epsilon (optim.deit3_spec)
+    # apex FusedLAMB clips by the global norm without an epsilon (lamb_spec)
     self.tx = optim.build_optimizer(optim.OptimizerSpec(
-        groups=optim.deit3_groups(), learning_rate=self.learning_rate,
+        groups=deit3_groups(), learning_rate=self.learning_rate,
         weight_decay=float(o.weight_decay), kind=o.optimizer, b1=o.b1, b2=o.b2, eps=o.eps,
         clip_grad=o.clip_grad or None, clip_by=o.clip_by,
         clip_eps=0.0 if o.optimizer == 'lamb' else optim.CLIP_EPS,

@@ -50,6 +50,7 @@ from vitreg_jax.models import layers
 from vitreg_jax.models.heads import DINOHead
 from vitreg_jax.models.build import backbone_from_config, dtype_from_name
 from vitreg_jax.parallel import rules as rules_lib
+from vitreg_jax.recipes import dinov2_optim
 from vitreg_jax.train import flops, optim, schedules
 from vitreg_jax.train.recipe import BatchField, Export
 from vitreg_jax.train.state import TrainState, unbox
@@ -142,14 +143,14 @@ class DinoV2Recipe:
       raise config_lib.ConfigError(
           f"optim.scaling_rule={o.scaling_rule!r}; valid: 'sqrt_wrt_1024', 'none'")
     t = config.teacher
-    self.schedules = schedules.DinoV2Schedules(
+    self.schedules = dinov2_optim.DinoV2Schedules(
         lr=lr, epochs=o.epochs, epoch_length=o.epoch_length, warmup_epochs=o.warmup_epochs,
         min_lr=o.min_lr, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
         momentum_teacher=t.momentum_teacher, final_momentum_teacher=t.final_momentum_teacher,
         warmup_teacher_temp=t.warmup_teacher_temp, teacher_temp=t.teacher_temp,
         warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs)
-    self.tx = optim.dinov2_optimizer(
+    self.tx = dinov2_optim.dinov2_optimizer(
         self.schedules, layerwise_decay=o.layerwise_decay,
         patch_embed_lr_mult=o.patch_embed_lr_mult, clip_grad=o.clip_grad, b1=o.b1, b2=o.b2)
     g, l, grid = self.global_size, self.local_size, self.grid

@@ -10,8 +10,9 @@ one table (``ParamGroup`` rows) in an ``OptimizerSpec``, and
   clip (per submodule | global) -> Adam moments -> per-parameter lr / weight decay
                                                    (AdamW, or LAMB's trust ratio)
 
-so a recipe states only its numbers and its table (``dinov2_spec``,
-``deit3_spec``), and the update arithmetic is shared and tested once.
+so a recipe states only its numbers and its table (DINOv2's in
+``recipes/dinov2_optim.py``, DeiT-III's in ``recipes/deit3.py``), and the
+update arithmetic is shared and tested once.
 
 The table. A row ``ParamGroup(pattern, lr_mult, wd_mult, frozen_steps)``
 applies to every parameter whose '/'-joined dict path (e.g.
@@ -86,7 +87,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vitreg_jax.train.schedules import DinoV2Schedules
 
 LAYER_ZERO_PARAMS = ('patch_embed', 'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
 SCANNED_BLOCKS = 'blocks'  # our ViT's nn.scan name: leaves under it have a leading layers axis
@@ -147,37 +147,6 @@ def group_multipliers(path: str, groups: Sequence[ParamGroup]) -> tuple[float, f
       wd_mult *= g.wd_mult
       frozen = max(frozen, int(g.frozen_steps))
   return lr_mult, wd_mult, frozen
-
-
-def dinov2_groups(patch_embed_lr_mult: float = 0.2, freeze_last_layer_steps: int = 0,
-                  backbone_key: str = 'backbone') -> tuple[ParamGroup, ...]:
-  """DINOv2's table (``dinov2/utils/param_groups.py`` on our flax names).
-
-  Tokens, kernels and the prototypes' ``weight_g`` / ``weight_v`` keep weight
-  decay, as upstream; the heads' ``last_layer`` is frozen for
-  ``freeze_last_layer_steps`` (upstream: ``freeze_last_layer_epochs`` epochs).
-  """
-  bb = re.escape(backbone_key)
-  return (
-      ParamGroup(rf'^{bb}/(.*/)?patch_embed(/|$)', lr_mult=patch_embed_lr_mult),
-      ParamGroup(r'(^|/)bias$', wd_mult=0.0),       # reference name ends in '.bias'
-      ParamGroup(r'norm|gamma', wd_mult=0.0),       # LayerNorms ('norm1', 'norm', ...), LayerScale
-      ParamGroup(r'(^|/)last_layer(/|$)', frozen_steps=freeze_last_layer_steps),
-  )
-
-
-def deit3_groups() -> tuple[ParamGroup, ...]:
-  """DeiT-III's table: timm's no-decay group on our flax names.
-
-  timm decays no 1-D param (our ``bias``, LayerNorm ``scale``, LayerScale
-  ``gamma``) and none of the model's ``no_weight_decay()`` names
-  (``pos_embed``, ``cls_token``); ``register_tokens`` and ``mask_token`` are
-  tokens of the same kind.
-  """
-  return (
-      ParamGroup(r'(^|/)(bias|scale|gamma)$', wd_mult=0.0),
-      ParamGroup(r'(^|/)(pos_embed|cls_token|register_tokens|mask_token)$', wd_mult=0.0),
-  )
 
 
 # ---------------------------------------------------------------------------
@@ -264,18 +233,6 @@ def table_multipliers(params, groups: Sequence[ParamGroup], layerwise_decay: flo
   rules = leaf_rules(params, groups, layerwise_decay, backbone_key)
   pick = lambda name: jax.tree.map(lambda r: getattr(r, name), rules)
   return pick('lr_mult'), pick('wd_mult'), pick('frozen_steps')
-
-
-def param_multipliers(params, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2,
-                      backbone_key: str = 'backbone'):
-  """DINOv2's ``(lr_mult, wd_mult, is_last_layer)`` trees matching ``params``.
-
-  ``params`` is the student tree ``{backbone_key: vit_params, 'dino_head': ...,
-  ['ibot_head': ...]}``, each as ``module.init(...)['params']``.
-  """
-  lr, wd, frozen = table_multipliers(params, dinov2_groups(patch_embed_lr_mult, 1, backbone_key),
-                                     layerwise_decay, backbone_key)
-  return lr, wd, jax.tree.map(lambda f: f > 0, frozen)
 
 
 # ---------------------------------------------------------------------------
@@ -482,44 +439,3 @@ def build_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
     parts.append(scale_by_adam_accurate(spec.b1, spec.b2, spec.eps))
   parts.append(scale_by_table(spec))
   return optax.chain(*parts)
-
-
-# ---------------------------------------------------------------------------
-# Recipes' specs.
-
-
-def dinov2_spec(schedules: DinoV2Schedules, layerwise_decay: float = 0.9,
-                patch_embed_lr_mult: float = 0.2, clip_grad: float | None = 3.0,
-                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                backbone_key: str = 'backbone') -> OptimizerSpec:
-  """DINOv2: AdamW, per-submodule clip, layer decay, ``dinov2_groups``, the schedules' lr / wd."""
-  freeze = schedules.freeze_last_layer_epochs * schedules.epoch_length
-  return OptimizerSpec(
-      learning_rate=schedules.learning_rate, weight_decay=schedules.weight_decay_value,
-      groups=dinov2_groups(patch_embed_lr_mult, freeze, backbone_key), kind='adamw',
-      b1=b1, b2=b2, eps=eps, clip_grad=clip_grad, clip_by='submodule', clip_eps=CLIP_EPS,
-      layerwise_decay=layerwise_decay, backbone_key=backbone_key)
-
-
-def dinov2_optimizer(schedules: DinoV2Schedules, layerwise_decay: float = 0.9,
-                     patch_embed_lr_mult: float = 0.2, clip_grad: float | None = 3.0,
-                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                     backbone_key: str = 'backbone') -> optax.GradientTransformation:
-  """``build_optimizer(dinov2_spec(...))``.
-
-  Use on the student tree ``{backbone_key: ..., 'dino_head': ..., ['ibot_head': ...]}``;
-  ``update(grads, state, params)`` needs ``params``. ``clip_grad`` of ``None``
-  or 0 disables clipping, as ``optim.clip_grad`` does upstream.
-  """
-  return build_optimizer(dinov2_spec(schedules, layerwise_decay, patch_embed_lr_mult, clip_grad,
-                                     b1, b2, eps, backbone_key))
-
-
-def deit3_spec(learning_rate: Schedule | float, weight_decay: Schedule | float = 0.05,
-               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               max_grad_norm: float | None = 1.0) -> OptimizerSpec:
-  """DeiT-III: apex ``FusedLAMB`` (its global ``max_grad_norm`` clip), ``deit3_groups``."""
-  return OptimizerSpec(
-      learning_rate=learning_rate, weight_decay=weight_decay, groups=deit3_groups(),
-      kind='lamb', b1=b1, b2=b2, eps=eps, clip_grad=max_grad_norm, clip_by='global',
-      clip_eps=0.0, layerwise_decay=None)
