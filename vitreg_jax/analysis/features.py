@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from vitreg_jax.analysis import norms
+from vitreg_jax.models import vit
 from vitreg_jax.parallel import rules as rules_lib
 
 DERIVED = {'patch_norms': 'patches', 'prenorm_norms': 'prenorm'}
@@ -31,38 +32,24 @@ SWITCHES = {'layers': 'return_layers', 'layers_normed': 'return_layers',
 INTERNALS = ('q', 'k', 'v', 'patch_embed')
 
 
-def _last(value):
-  """A sown value: a tuple of calls; scanned blocks stack layers first."""
-  value = value[-1] if isinstance(value, tuple) else value
-  return value
+def _vit_intermediates(tree):
+  """The ViT's own ``intermediates`` inside a wrapper's (e.g. ``ViTClassifier.backbone``)."""
+  if 'patch_embed_out' in tree:
+    return tree
+  for child in tree.values():
+    if isinstance(child, dict) and (found := _vit_intermediates(child)) is not None:
+      return found
+  return None
 
 
-def _find_sown(tree, name):
-  """The last-block ``name`` in a nested ``intermediates`` collection."""
-  found = []
-
-  def visit(node, path):
-    for key, child in node.items():
-      if key == name:
-        found.append((path, child))
-      elif isinstance(child, dict):
-        visit(child, path + (key,))
-  visit(tree, ())
-  if not found:
-    raise KeyError(f'the model sows no {name!r}; internals: {INTERNALS}')
-  blocks = [(p, v) for p, v in found if p]
-  path, value = max(blocks or found, key=lambda item: _block_index(item[0]))
-  value = _last(value)
-  if path and path[-1] == 'blocks' or any(k == 'blocks' for k in path):
-    value = value[-1]  # scanned: [layers, ...] -> the last layer
-  return value
-
-
-def _block_index(path):
-  for key in reversed(path):
-    if key.startswith('blocks_'):
-      return int(key.split('_')[1])
-  return -1
+def _sown(tree, name):
+  """``patch_embed`` [B, N, D], or the last block's ``q``/``k``/``v`` [B, T, H, hd]."""
+  inter = _vit_intermediates(tree)
+  if inter is None:
+    raise KeyError(f'the model sows no ViT internals; asked for {name!r} of {INTERNALS}')
+  if name == 'patch_embed':
+    return inter['patch_embed_out'][-1]
+  return vit.block_intermediates(inter, name)[-1]
 
 
 class FeaturePass:
@@ -80,7 +67,7 @@ class FeaturePass:
                                    **self._switches)
       out = dict(out)
       for name in self._internals:
-        out[name] = _find_sown(sown['intermediates'], name)
+        out[name] = _sown(sown['intermediates'], name)
       return out
     return self.model.apply(variables, images, **self._switches)
 

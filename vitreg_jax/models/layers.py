@@ -60,7 +60,11 @@ class DenseND(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; optionally returns the probabilities."""
+  """Multi-head self-attention; optionally returns the probabilities.
+
+  Sows ``q``, ``k``, ``v`` (``[B, T, H, hd]``, before the ``hd ** -0.5``
+  scaling) into ``'intermediates'``.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   impl: str = 'auto'
@@ -74,6 +78,11 @@ class Attention(nn.Module):
     qkv = DenseND((3, self.num_heads, head_dim), ('embed', None, 'heads', 'head_dim'),
                   (None, 'heads', 'head_dim'), dtype=self.dtype, name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Internals for analyses, each [B, T, H, hd] (no-ops unless 'intermediates'
+    # is mutable; see VisionTransformer).
+    self.sow('intermediates', 'q', q)
+    self.sow('intermediates', 'k', k)
+    self.sow('intermediates', 'v', v)
     out, probs = attention_lib.dot_product_attention(
         q, k, v, impl=self.impl, return_probs=return_probs)
     out = DenseND((dim,), ('heads', 'head_dim', 'embed'), ('embed',), contract_dims=2,

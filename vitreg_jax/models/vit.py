@@ -6,6 +6,22 @@ or dense output: they exist only as scratch space for the network.
 
 The module returns a dict so the analyses (norms, attention maps, LOST, probes)
 read what they need instead of re-implementing the forward pass.
+
+Further internals are sown into the ``'intermediates'`` collection (flax
+``sow``: a tuple with one entry per call of the module) and come back only
+when the collection is mutable; otherwise ``sow`` is a no-op and costs nothing::
+
+    out, state = model.apply(variables, images, mutable=['intermediates'])
+    inter = state['intermediates']
+    inter['patch_embed_out']      # ([B, N, D],) patch projection output, before
+                                  # mask tokens and the position embedding
+    inter['blocks_3']['attn']['q']  # ([B, T, H, hd],) also 'k', 'v'; unrolled blocks
+    inter['blocks']['attn']['q']    # ([L, B, T, H, hd],) with scan_blocks=True
+    block_intermediates(inter, 'q')  # [L, B, T, H, hd] for either layout
+
+``q, k, v`` are the qkv projection's outputs (with bias, before the
+``hd ** -0.5`` scaling): ``softmax(q k^T / sqrt(hd))`` is the ``attention``
+output of ``return_attention=True``.
 """
 
 import dataclasses
@@ -138,6 +154,7 @@ class VisionTransformer(nn.Module):
     x = PatchEmbed(self.patch_size, d, self.dtype, name='patch_embed')(images)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, d)
+    self.sow('intermediates', 'patch_embed_out', x)
     mask_token = self.param('mask_token', layers.logical(nn.initializers.zeros, None, 'embed'),
                             (1, d), jnp.float32)
     if masks is not None:
@@ -179,7 +196,7 @@ class VisionTransformer(nn.Module):
       if self.remat_policy != 'none':
         body = nn.remat(body, policy=policy, static_argnums=(2,), prevent_cse=False)
       scanned = nn.scan(
-          body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          body, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True, 'dropout': True},
           in_axes=nn.broadcast, length=self.depth,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x, (per_layer, probs) = scanned(
@@ -259,6 +276,23 @@ VARIANTS = {
     'g': (1536, 40, 24, 'swiglu'),
 }
 _ARCH_RE = re.compile(r'^vit(ti|s|b|l|g)(\d+)(?:_reg(\d*))?$')
+
+
+def block_intermediates(intermediates, name: str, call: int = -1):
+  """A per-block sown value (``'q'``, ``'k'``, ``'v'``) stacked as ``[L, ...]``.
+
+  ``intermediates`` is the ``'intermediates'`` collection of an ``apply`` with
+  ``mutable=['intermediates']``, from unrolled (``blocks_{i}``) or scanned
+  (``blocks``) blocks. ``call`` picks one forward pass when the model was
+  called several times in that ``apply`` (each sow appends an entry).
+  """
+  if 'blocks' in intermediates:
+    return intermediates['blocks']['attn'][name][call]
+  keys = sorted((k for k in intermediates if re.fullmatch(r'blocks_\d+', k)),
+                key=lambda k: int(k.split('_')[1]))
+  if not keys:
+    raise KeyError(f'no block intermediates; sown keys: {sorted(intermediates)}')
+  return jnp.stack([intermediates[k]['attn'][name][call] for k in keys])
 
 
 def arch_kwargs(name: str) -> dict:
