@@ -106,8 +106,16 @@ def load(spec: str, arch: str | None = None, **overrides):
 def save(model: VisionTransformer, variables, spec: str, **options) -> None:
   """Writes ``variables`` (``{'params': ...}``, boxed or not, scanned or not) as ``'FORMAT:PATH'``.
 
-  ``options``: ``weights='msgpack'`` for the ``vitreg`` format. Nothing is
-  written unless the whole conversion succeeds.
+  ``options`` (the format module's ``WRITE_OPTIONS``): ``weights='msgpack'`` for
+  ``vitreg``; for ``timm``, ``layout='deit3'`` (timm's ``deit3_*`` token layout,
+  ``no_embed_class=True`` with or without registers), ``head=head_params`` (a
+  classifier ``Dense``'s ``{'kernel': [D, C], 'bias': [C]}``, written as
+  ``head.weight``/``head.bias``) and ``pool='cls'|'mean'`` (see ``convert.timm``)::
+
+      save(model, variables, 'timm:deit3.safetensors', layout='deit3',
+           head=classifier_variables['params']['head'])
+
+  Nothing is written unless the whole conversion succeeds.
   """
   fmt, path = parse_spec(spec)
   unknown = sorted(set(options) - set(getattr(fmt, 'WRITE_OPTIONS', ())))
@@ -116,5 +124,7 @@ def save(model: VisionTransformer, variables, spec: str, **options) -> None:
   ours = params.canonical(variables)
   checks.check_tensors(ours, params.expected_shapes(model),
                        f'params do not match the model {arch_lib.describe(_model_kwargs(model))}')
-  fmt.write(fmt.from_ours(ours, model), model, path, **options)
+  # Options that change the tensors (e.g. timm's layout, head) also go to from_ours.
+  converting = {k: v for k, v in options.items() if k in getattr(fmt, 'CONVERT_OPTIONS', ())}
+  fmt.write(fmt.from_ours(ours, model, **converting), model, path, **options)
   logger.info('wrote %s', spec)

@@ -18,14 +18,36 @@ differences are in the token embeddings:
 
 timm resamples position embeddings by size with antialiased bicubic for every
 model, so imports use that (``interpolate_antialias=True``, offset 0).
-Export writes ``no_embed_class=True`` for register models and the original
-layout otherwise, as timm's own DINOv2 models do.
+
+Export options (``convert.save(model, variables, 'timm:PATH', **options)``):
+
+* ``layout='dinov2'`` (default): ``no_embed_class=True`` for register models and
+  the original layout otherwise, as timm's own DINOv2 models do.
+* ``layout='deit3'``: ``no_embed_class=True`` for every model, with or without
+  registers: the layout of timm's ``deit3_*`` models (``cls_token`` holds our
+  ``cls_token + pos_embed[:, 0]``; the outputs are identical). The file loads
+  strictly into e.g. ``timm.create_model('deit3_small_patch16_224',
+  num_classes=C, reg_tokens=R, ...)``; a folder export names a ``deit3_*``
+  architecture in its config.
+* ``head=...``: the params of a classifier ``Dense`` (``{'kernel': [D, C],
+  'bias': [C]}``, boxed or not, or ``{'params': {...}}``, e.g.
+  ``variables["params"]["head"]`` of ``models.heads.ViTClassifier``),
+  written as timm's ``head.weight [C, D]`` / ``head.bias [C]``. Without it no
+  head is written (timm ``num_classes=0``).
+* ``pool='cls'|'mean'``: what the head reads (``ViTClassifier.pool``); only the
+  folder's config.json records it (timm ``global_pool='token'`` or
+  ``'avg'`` with ``fc_norm=False``). Default: ``'cls'`` with a class token.
+
+Imports drop any ``head`` (``convert.load`` returns the backbone only).
 """
 
 import logging
 import math
 import os
 import re
+
+import flax.linen as nn
+import numpy as np
 
 from vitreg_jax.convert import dinov2, layout, tensor_files
 from vitreg_jax.convert.checks import ConversionError
@@ -38,6 +60,11 @@ _UNPACKED = {'w12': 'fc1', 'w3': 'fc2'}
 _HEAD = ('head.weight', 'head.bias')
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 _SIZE_NAMES = {384: 'small', 768: 'base', 1024: 'large'}  # timm's *_patch14_dinov2 names
+_DEIT3_SIZES = {384: 'small', 512: 'medium', 768: 'base', 1024: 'large'}  # deit3_*_patch16_224
+LAYOUTS = ('dinov2', 'deit3')
+POOLS = ('cls', 'mean')  # as models.heads.ViTClassifier
+WRITE_OPTIONS = ('layout', 'head', 'pool')
+CONVERT_OPTIONS = ('layout', 'head')  # also passed to from_ours by convert.save
 
 
 def _square(n: int) -> bool:
@@ -92,12 +119,21 @@ def to_hub(tensors: dict) -> dict:
   return hub
 
 
-def from_hub(hub: dict, model, like: dict | None = None) -> dict:
-  """DINOv2 hub -> timm; the layout follows ``like`` (a timm dict) when given."""
+def _check_layout(name: str) -> None:
+  if name not in LAYOUTS:
+    raise ConversionError(f'timm layout={name!r}; valid: {LAYOUTS}')
+
+
+def from_hub(hub: dict, model, like: dict | None = None, layout: str = 'dinov2') -> dict:
+  """DINOv2 hub -> timm; the layout follows ``like`` (a timm dict) when given,
+  else ``layout`` (see the module docstring)."""
+  _check_layout(layout)
   c, r = int(model.class_token), model.num_registers
   pos = hub['pos_embed']
   if like is not None and 'pos_embed' in like:
     embed_class = embeds_class(like['pos_embed'].shape[1], c + r)
+  elif layout == 'deit3':
+    embed_class = False
   else:
     embed_class = r == 0
   out = {}
@@ -153,16 +189,51 @@ def convention(num_registers: int) -> dict:
   return {'interpolate_antialias': True, 'interpolate_offset': 0.0}
 
 
-def from_ours(ours: dict, model, like=None) -> dict:
-  return from_hub(dinov2.ours_to_hub(ours), model, like)
+def head_tensors(head, model) -> dict:
+  """timm ``head.weight [C, D]``, ``head.bias [C]`` from a flax ``Dense``'s params."""
+  tree = nn.meta.unbox(head)
+  if isinstance(tree, dict) and set(tree) == {'params'}:
+    tree = tree['params']
+  if not isinstance(tree, dict) or set(tree) != {'kernel', 'bias'}:
+    got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+    raise ConversionError(f"head: expected the params of a Dense, {{'kernel', 'bias'}}; got {got}")
+  kernel, bias = np.asarray(tree['kernel']), np.asarray(tree['bias'])
+  if kernel.ndim != 2 or kernel.shape[0] != model.embed_dim or bias.shape != kernel.shape[1:]:
+    raise ConversionError(
+        f'head: kernel {kernel.shape} and bias {bias.shape} do not make a classifier on '
+        f'embed_dim {model.embed_dim} (expected kernel [{model.embed_dim}, C], bias [C])')
+  return {'head.weight': kernel.T, 'head.bias': bias}
+
+
+def from_ours(ours: dict, model, like=None, layout: str = 'dinov2', head=None) -> dict:
+  out = from_hub(dinov2.ours_to_hub(ours), model, like, layout)
+  if head is not None:
+    out.update(head_tensors(head, model))
+  return out
 
 
 def to_ours(tensors: dict, expected: dict) -> dict:
   return dinov2.hub_to_ours(to_hub(tensors), expected)
 
 
-def model_config(model, tensors: dict) -> dict:
-  """A timm hub-style ``config.json``: ``timm.create_model('local-dir:PATH', pretrained=True)``."""
+def _pool(model, pool: str | None) -> str:
+  if pool is None:
+    return 'cls' if model.class_token else 'mean'
+  if pool not in POOLS:
+    raise ConversionError(f'pool={pool!r}; valid: {POOLS}')
+  if pool == 'cls' and not model.class_token:
+    raise ConversionError("pool='cls' needs a class token; this model has none (pool='mean')")
+  return pool
+
+
+def model_config(model, tensors: dict, layout: str = 'dinov2', pool: str | None = None) -> dict:
+  """A timm hub-style ``config.json``: ``timm.create_model('local-dir:PATH', pretrained=True)``.
+
+  ``num_classes`` follows the ``head.weight`` in ``tensors`` (0 without one).
+  """
+  _check_layout(layout)
+  pool = _pool(model, pool)
+  num_classes = int(tensors['head.weight'].shape[0]) if 'head.weight' in tensors else 0
   swiglu = model.ffn == 'swiglu'
   packed = model.mlp_hidden_dim * (2 if swiglu else 1)
   ratio = packed / model.embed_dim
@@ -176,28 +247,41 @@ def model_config(model, tensors: dict) -> dict:
       img_size=model.img_size, patch_size=patch, embed_dim=model.embed_dim, depth=model.depth,
       num_heads=model.num_heads, mlp_ratio=ratio, init_values=model.layerscale_init,
       reg_tokens=model.num_registers, no_embed_class=no_embed_class,
-      class_token=model.class_token, dynamic_img_size=True, num_classes=0)
-  if not model.class_token:
+      class_token=model.class_token, dynamic_img_size=True, num_classes=num_classes)
+  if pool == 'mean':
     args.update(global_pool='avg', fc_norm=False)
+  # Every field is in model_args: the architecture name only picks timm's entry point (and
+  # the SwiGLU MLP class of the giant, which a JSON config cannot name).
+  if layout == 'deit3' and not swiglu:
+    architecture = f'deit3_{_DEIT3_SIZES.get(model.embed_dim, "base")}_patch16_224'
+  else:
+    architecture = f'vit_{size}_patch14{reg}_dinov2'
   return {
-      'architecture': f'vit_{size}_patch14{reg}_dinov2',
-      'num_classes': 0,
+      'architecture': architecture,
+      'num_classes': num_classes,
       'num_features': model.embed_dim,
-      'global_pool': 'token' if model.class_token else 'avg',
+      'global_pool': 'token' if pool == 'cls' else 'avg',
       'model_args': args,
       'pretrained_cfg': {
           'input_size': [3, model.img_size, model.img_size], 'interpolation': 'bicubic',
           'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225], 'crop_pct': 1.0,
-          'num_classes': 0, 'fixed_input_size': False},
+          'num_classes': num_classes, 'fixed_input_size': False},
   }
 
 
-def write(tensors: dict, model, path: str) -> None:
-  """A state dict file (``.safetensors``/``.pth``), or a folder timm can load by name."""
+def write(tensors: dict, model, path: str, layout: str = 'dinov2', head=None,
+          pool: str | None = None) -> None:
+  """A state dict file (``.safetensors``/``.pth``), or a folder timm can load by name.
+
+  ``tensors`` already hold the ``layout`` and ``head`` (``from_ours``); ``layout`` and
+  ``pool`` here only shape the folder's config.json.
+  """
+  del head
+  config = model_config(model, tensors, layout, pool)  # validates before anything is written
   if path.endswith(('.safetensors',) + tensor_files.TORCH_SUFFIXES):
     with tensor_files.atomic_file(path) as tmp:
       tensor_files.write_tensors(tensors, tmp)
     return
   with tensor_files.atomic_dir(path) as tmp:
     tensor_files.write_tensors(tensors, os.path.join(tmp, 'model.safetensors'))
-    tensor_files.write_json(model_config(model, tensors), os.path.join(tmp, 'config.json'))
+    tensor_files.write_json(config, os.path.join(tmp, 'config.json'))
