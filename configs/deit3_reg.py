@@ -56,7 +56,8 @@ def base_config(registers: int = NUM_REGISTERS) -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(num_classes=1000, pool='cls', loss='soft_ce'))
   c.augment = ml_collections.ConfigDict(dict(
       image_size=224, spatial='src', crop_scale=(0.08, 1.0), color_jitter=0.3,
-      blur_sigma=(0.1, 2.0), eval_resize_size=224, eval_crop_size=224))  # eval crop ratio 1.0
+      blur_sigma=(0.1, 2.0), operations=('grayscale', 'solarize', 'blur'),
+      eval_resize_size=224, eval_crop_size=224))  # eval crop ratio 1.0
   c.mixing = ml_collections.ConfigDict(dict(
       mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, prob=1.0))
   _apply(c, 'in21k', 'B')
@@ -112,22 +113,28 @@ def set_batch(c, value: str) -> None:
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
-  """A 4-block ViT on 32x32 crops of the embedded dataset's 6 classes: CPU minutes.
+  """A 4-block ViT on 32x32 crops of the embedded dataset's 6 classes: ~2 CPU minutes.
 
-  Departures from the IN-21k recipe, for a few hundred steps on 1024 images:
-  AdamW at lr 1e-3 (LAMB's trust ratio makes tiny models' first steps slow),
-  no Mixup/CutMix (they regularise a long run; here they only slow learning),
-  LayerScale 1 (1e-4 delays learning past the run's end, as in the DINOv2
-  smoke preset), no drop path.
+  Departures from the IN-21k recipe, for 640 steps on 1024 images, each
+  measured (val top-1 at step 640; chance 16.7%): step 2 of 3-Augment off
+  (``augment.operations=()``: grayscale removes the saturation that sets the
+  shapes off their textured backgrounds, and the tiny ViT then barely learns in
+  this run: full 3-Augment 21.9%, grayscale on every image 17.6%, crop + flip
+  34.4%, crop + flip + colour jitter 35.2%, this preset); AdamW at lr 3e-4
+  (1e-3 does not learn: 18.8%; LAMB's trust ratio makes tiny models' first
+  steps slow); no Mixup/CutMix (they regularise a long run; here they only slow
+  learning); LayerScale 1 (1e-4 delays learning past the run's end, as in the
+  DINOv2 smoke preset); no drop path; blur sigma scaled to the 32-px crops.
   """
   c.model = ml_collections.ConfigDict(dict(
       arch='vits16', num_registers=c.model.num_registers, patch_size=8, embed_dim=96, depth=4,
       num_heads=3, drop_path_rate=0.0, drop_path_mode='sample', layerscale_init=1.0,
       dtype='float32', scan_blocks=False, remat_policy='none', attention_impl='auto'))
   c.classifier.update(num_classes=6, loss='soft_ce')
-  c.augment.update(image_size=32, spatial='src', eval_resize_size=32, eval_crop_size=32)
+  c.augment.update(image_size=32, spatial='src', eval_resize_size=32, eval_crop_size=32,
+                   operations=(), blur_sigma=(0.015, 0.3))
   c.mixing.update(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1)
-  c.optim.update(optimizer='adamw', epochs=10, epoch_length=32, warmup_epochs=1, base_lr=1e-3,
+  c.optim.update(optimizer='adamw', epochs=20, epoch_length=32, warmup_epochs=1, base_lr=3e-4,
                  warmup_init_lr=1e-6, min_lr=1e-5, weight_decay=0.05)
   c.data.update(source='embedded', name='', split='train', eval_split='val', batch_size=32,
                 num_workers=0, shuffle=True,

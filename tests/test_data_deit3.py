@@ -106,6 +106,22 @@ def test_exactly_one_operation_on_a_constant_image():
   assert all(abs(c / n - 1 / 3) < tolerance for c in counts.values()), counts
 
 
+@pytest.mark.parametrize('operations', [(), ('grayscale',), ('solarize', 'blur')])
+def test_operations_narrow_the_choice(operations):
+  """``operations`` picks among the named ones only; ``()`` leaves the crop's colours."""
+  colour = np.array([200, 100, 30], np.float32)
+  outcomes = {'grayscale': np.full(3, colour @ T.GRAY_WEIGHTS) / 255,
+              'solarize': np.array([55, 100, 30]) / 255, 'blur': colour / 255}
+  image = {'image': np.broadcast_to(colour.astype(np.uint8), (30, 41, 3)).copy()}
+  augment = A.ThreeAugment(image_size=12, color_jitter=0, operations=operations)
+  seen = set()
+  for seed in range(60):
+    pixels = _denormalize(augment.random_map(image, np.random.default_rng(seed))['image'])
+    seen.update(n for n, v in outcomes.items() if np.allclose(pixels, v, atol=1e-5))
+  # blur leaves a constant image unchanged, as does no operation at all
+  assert seen == (set(operations) or {'blur'})
+
+
 def _reference_photometric(pixels, operation, sigma, u, strength):
   """torchvision tensor ops in upstream's order: one operation, ColorJitter(b, c, s), Normalize."""
   if operation == 'blur':  # upstream: PIL GaussianBlur(radius=sigma) on the uint8 crop
@@ -156,6 +172,8 @@ def test_three_augment_rejects_bad_settings():
     A.ThreeAugment(crop_scale=(0.5, 0.1))
   with pytest.raises(ValueError, match='color_jitter'):
     A.ThreeAugment(color_jitter=-0.1)
+  with pytest.raises(ValueError, match=r"operations must be distinct names from \('grayscale'"):
+    A.ThreeAugment(operations=('grayscale', 'sharpen'))
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ README_revenge.md for the commands) composes, on PIL images:
    * ``'rrc'`` (the ImageNet-1k recipe): timm's bicubic ``RandomResizedCrop(S,
      scale=(0.08, 1))`` (ratio 3/4..4/3), ``RandomHorizontalFlip()``;
 2. ``RandomChoice`` of exactly one of grayscale, solarize (threshold 128) and
-   Gaussian blur (PIL radius, i.e. sigma, uniform in [0.1, 2]), each p = 1;
+   Gaussian blur (PIL radius, i.e. sigma, uniform in [0.1, 2]), each p = 1
+   (``operations`` narrows the choice; ``()`` skips the step);
 3. ``ColorJitter(j, j, j)`` (brightness, contrast, saturation; no hue), skipped
    when ``--color-jitter`` is 0 (the recipes use 0.3);
 4. ``ToTensor`` + ImageNet ``Normalize``.
@@ -71,7 +72,8 @@ class ThreeAugment(grain.transforms.RandomMap):
   """One decoded image -> ``image`` float32 [S, S, 3] (normalised) + label/index/skipped."""
 
   def __init__(self, *, image_size=224, spatial='src', crop_scale=(0.08, 1.0), color_jitter=0.3,
-               mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD, blur_sigma=BLUR_SIGMA):
+               mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD, blur_sigma=BLUR_SIGMA,
+               operations=OPERATIONS):
     if spatial not in SPATIAL:
       raise ValueError(f'ThreeAugment spatial must be one of {SPATIAL}, got {spatial!r}')
     if int(image_size) < 1:
@@ -91,6 +93,12 @@ class ThreeAugment(grain.transforms.RandomMap):
     self.blur_sigma = tuple(float(b) for b in blur_sigma)
     if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
       raise ValueError(f'ThreeAugment blur_sigma must be 0 < lo <= hi, got {blur_sigma}')
+    # Step 2 chooses among these; () skips it (upstream: all three).
+    self.operations = tuple(operations)
+    unknown = sorted(set(self.operations) - set(OPERATIONS))
+    if unknown or len(set(self.operations)) != len(self.operations):
+      raise ValueError(f'ThreeAugment operations must be distinct names from {OPERATIONS}, '
+                       f'got {operations}')
 
   def spatial_crop(self, image, uniforms):
     """Step 1 (crop + horizontal flip p 0.5) of a PIL image: uint8 [S, S, 3]."""
@@ -105,7 +113,8 @@ class ThreeAugment(grain.transforms.RandomMap):
   def augment(self, image, uniforms):
     """All four steps, driven by one row of ``NUM_UNIFORMS`` uniforms: float32 [S, S, 3]."""
     pixels = self.spatial_crop(T._as_pil(image), uniforms)
-    operation = OPERATIONS[_uniform_index(uniforms[U_CHOICE], len(OPERATIONS))]
+    operation = (self.operations[_uniform_index(uniforms[U_CHOICE], len(self.operations))]
+                 if self.operations else None)
     if operation == 'blur':
       lo, hi = self.blur_sigma
       sigma = lo + (hi - lo) * float(uniforms[T.U_BLUR_SIGMA])

@@ -45,7 +45,7 @@ from vitreg_jax.train.state import TrainState, unbox
 SECTIONS = ('model', 'classifier', 'augment', 'mixing', 'schedule', 'variant')
 CLASSIFIER = {'num_classes': 1000, 'pool': 'cls', 'loss': 'bce'}
 AUGMENT = {'image_size': 224, 'spatial': 'src', 'crop_scale': (0.08, 1.0), 'color_jitter': 0.3,
-           'blur_sigma': (0.1, 2.0),
+           'blur_sigma': (0.1, 2.0), 'operations': ('grayscale', 'solarize', 'blur'),
            'mean': None, 'std': None, 'eval_resize_size': None, 'eval_crop_size': None,
            'native_max_size': None}
 MIXING = {'mixup_alpha': 0.8, 'cutmix_alpha': 1.0, 'switch_prob': 0.5, 'label_smoothing': 0.0,
@@ -83,7 +83,7 @@ class HostBatches:
     self.augment = ThreeAugment(
         image_size=augment.image_size, spatial=augment.spatial,
         crop_scale=tuple(augment.crop_scale), color_jitter=augment.color_jitter,
-        blur_sigma=tuple(augment.blur_sigma),
+        blur_sigma=tuple(augment.blur_sigma), operations=tuple(augment.operations),
         mean=augment.mean or transforms.IMAGENET_MEAN, std=augment.std or transforms.IMAGENET_STD)
     self.mixing = MixupCutmix(
         num_classes=num_classes, mixup_alpha=mixing.mixup_alpha,
