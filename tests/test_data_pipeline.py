@@ -11,18 +11,12 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+import data_testing
+
 from vitreg_jax import config as config_lib
-from vitreg_jax.data import image_text, multicrop, pipeline
+from vitreg_jax.data import multicrop, pipeline
 from vitreg_jax.data import tokenizer
 
-def _train_pipeline(config, **kwargs):
-  """The pipeline over the batch function of the config's kind (multi-crop or image-text)."""
-  kind = config.get('kind', 'multicrop')
-  if kind == 'image_text':
-    config.augment = {k: v for k, v in config.augment.items() if k in image_text.AUGMENT_DEFAULTS}
-    return pipeline.build_train_pipeline(config, image_text.ImageTextBatches(config), **kwargs)
-  config.augment = {k: v for k, v in config.augment.items() if k in multicrop.AUGMENT_DEFAULTS}
-  return pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config), **kwargs)
 
 
 
@@ -64,17 +58,17 @@ def _assert_same(batches_a, batches_b):
 
 def test_resume_with_workers_through_orbax_matches_uninterrupted(tmp_path):
   k, m = 3, 4
-  uninterrupted = _train_pipeline(_config(), process_index=0, process_count=1)
+  uninterrupted = data_testing.train_pipeline(_config(), process_index=0, process_count=1)
   expected = _take(uninterrupted, k + m)
   uninterrupted.close()
   manager = ocp.CheckpointManager(tmp_path)
   with time_limit(120):
-    first = _train_pipeline(_config(num_workers=2), process_index=0, process_count=1)
+    first = data_testing.train_pipeline(_config(num_workers=2), process_index=0, process_count=1)
     _assert_same(_take(first, k), expected[:k])
     manager.save(k, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(first)))
     manager.wait_until_finished()
     first.close()
-    resumed = _train_pipeline(_config(num_workers=2), process_index=0, process_count=1)
+    resumed = data_testing.train_pipeline(_config(num_workers=2), process_index=0, process_count=1)
     manager.restore(k, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
     assert resumed.get_state()['next_batch'] == k
     _assert_same(_take(resumed, m), expected[k:])
@@ -85,7 +79,7 @@ def test_resume_with_workers_through_orbax_matches_uninterrupted(tmp_path):
 def test_resume_on_a_mesh_with_device_prefetch():
   mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   config = _config(device_prefetch=3)
-  iterator = _train_pipeline(config, process_index=0, process_count=1, mesh=mesh)
+  iterator = data_testing.train_pipeline(config, process_index=0, process_count=1, mesh=mesh)
   first = next(iterator)
   assert isinstance(first['global_crops'], jax.Array)
   assert first['global_crops'].sharding.spec == jax.sharding.PartitionSpec(('data',))
@@ -94,12 +88,12 @@ def test_resume_on_a_mesh_with_device_prefetch():
   state = iterator.get_state()  # 2 batches returned; 3 more are already on the devices
   expected = _take(iterator, 2)
   iterator.close()
-  resumed = _train_pipeline(config, process_index=0, process_count=1, mesh=mesh)
+  resumed = data_testing.train_pipeline(config, process_index=0, process_count=1, mesh=mesh)
   resumed.set_state(state)
   _assert_same(_take(resumed, 2), expected)
   resumed.close()
   # The same stream without a mesh: device placement does not change the data.
-  plain = _train_pipeline(config, process_index=0, process_count=1)
+  plain = data_testing.train_pipeline(config, process_index=0, process_count=1)
   np.testing.assert_array_equal(next(plain)['global_crops'], np.asarray(first['global_crops']))
   plain.close()
 
@@ -108,7 +102,7 @@ def test_two_processes_cover_each_example_once_per_epoch():
   per_process_batches = 64 // 8  # 32 examples per process, 4 per process batch
   epochs = {0: [], 1: []}
   for process in (0, 1):
-    iterator = _train_pipeline(_config(), process_index=process, process_count=2)
+    iterator = data_testing.train_pipeline(_config(), process_index=process, process_count=2)
     indices = np.concatenate([b['index'] for b in _take(iterator, 2 * per_process_batches)])
     iterator.close()
     epochs[0].append(indices[:32])
@@ -120,7 +114,7 @@ def test_two_processes_cover_each_example_once_per_epoch():
 
 def test_streams_are_reproducible_and_independent():
   def first_batch(**kwargs):
-    iterator = _train_pipeline(_config(), process_count=1, **kwargs)
+    iterator = data_testing.train_pipeline(_config(), process_count=1, **kwargs)
     batch = next(iterator)
     iterator.close()
     return batch
@@ -130,8 +124,8 @@ def test_streams_are_reproducible_and_independent():
   assert not np.array_equal(a['index'], c['index'])
   # Without shuffling, a different seed still changes the augmentation.
   config = _config(shuffle=False)
-  d = _train_pipeline(config, process_index=0, process_count=1, seed=1)
-  e = _train_pipeline(config, process_index=0, process_count=1, seed=2)
+  d = data_testing.train_pipeline(config, process_index=0, process_count=1, seed=1)
+  e = data_testing.train_pipeline(config, process_index=0, process_count=1, seed=2)
   x, y = next(d), next(e)
   d.close(), e.close()
   np.testing.assert_array_equal(x['index'], y['index'])
@@ -141,7 +135,7 @@ def test_streams_are_reproducible_and_independent():
 def test_masks_follow_the_recipe_within_each_batch():
   config = _config(batch_size=32)
   config.augment.global_crops_size = 56  # an 8 x 8 patch grid
-  iterator = _train_pipeline(config, process_index=0, process_count=1)
+  iterator = data_testing.train_pipeline(config, process_index=0, process_count=1)
   masks = next(iterator)['masks']
   iterator.close()
   assert masks.shape == (32, 2, 8, 8) and masks.dtype == bool
@@ -156,7 +150,7 @@ def test_masks_follow_the_recipe_within_each_batch():
 
 def test_clip_tokens_are_the_captions():
   config = _config('image_text', shuffle=False)
-  iterator = _train_pipeline(config, process_index=0, process_count=1)
+  iterator = data_testing.train_pipeline(config, process_index=0, process_count=1)
   batch = next(iterator)
   iterator.close()
   from vitreg_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -176,7 +170,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
   (tmp_path / 'a' / '3.png').write_bytes(b'not a png')
   (tmp_path / 'b' / '5.png').write_bytes(Image.new('RGB', (20, 16)).tobytes()[:40])
   config = _config(source='folder', path=str(tmp_path), shuffle=False, num_epochs=1)
-  iterator = _train_pipeline(config, process_index=0, process_count=1)
+  iterator = data_testing.train_pipeline(config, process_index=0, process_count=1)
   batches = _take(iterator, 2)
   with pytest.raises(StopIteration):
     next(iterator)
@@ -210,9 +204,9 @@ def test_global_batch_and_config_errors():
   config = _config()
   config.data.batch_sizes = 3
   with pytest.raises(ValueError, match=r"unknown config key data.batch_sizes; valid"):
-    _train_pipeline(config, process_index=0, process_count=1)
+    data_testing.train_pipeline(config, process_index=0, process_count=1)
   with pytest.raises(ValueError, match='divisible'):
-    _train_pipeline(_config(batch_size=9), process_index=0, process_count=2)
+    data_testing.train_pipeline(_config(batch_size=9), process_index=0, process_count=2)
   config = _config()
   config.augment.blur_probz = 0.5
   with pytest.raises(ValueError, match='unknown config key augment.blur_probz'):
@@ -220,10 +214,10 @@ def test_global_batch_and_config_errors():
 
 
 def test_restoring_a_different_stream_fails_clearly():
-  iterator = _train_pipeline(_config(), process_index=0, process_count=1)
+  iterator = data_testing.train_pipeline(_config(), process_index=0, process_count=1)
   state = iterator.get_state()
   iterator.close()
-  other = _train_pipeline(_config(), process_index=0, process_count=1, seed=9)
+  other = data_testing.train_pipeline(_config(), process_index=0, process_count=1, seed=9)
   with pytest.raises(ValueError, match='different data stream'):
     other.set_state(state)
   other.close()

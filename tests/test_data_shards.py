@@ -3,19 +3,12 @@
 import jax
 import ml_collections
 import numpy as np
+import data_testing
 import pytest
 
-from vitreg_jax.data import image_text, multicrop, pipeline
+from vitreg_jax.data import pipeline
 from vitreg_jax.parallel import mesh as mesh_lib
 
-def _train_pipeline(config, **kwargs):
-  """The pipeline over the batch function of the config's kind (multi-crop or image-text)."""
-  kind = config.get('kind', 'multicrop')
-  if kind == 'image_text':
-    config.augment = {k: v for k, v in config.augment.items() if k in image_text.AUGMENT_DEFAULTS}
-    return pipeline.build_train_pipeline(config, image_text.ImageTextBatches(config), **kwargs)
-  config.augment = {k: v for k, v in config.augment.items() if k in multicrop.AUGMENT_DEFAULTS}
-  return pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config), **kwargs)
 
 
 
@@ -30,7 +23,7 @@ def _config(**data):
 
 
 def _first(**kwargs):
-  iterator = _train_pipeline(_config(), **kwargs)
+  iterator = data_testing.train_pipeline(_config(), **kwargs)
   try:
     return iterator.description, {k: np.asarray(v) for k, v in next(iterator).items()}
   finally:
@@ -58,13 +51,13 @@ def test_shard_arguments_select_the_examples_and_seeds():
 ])
 def test_bad_shard_arguments_fail_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    _train_pipeline(_config(), **kwargs)
+    data_testing.train_pipeline(_config(), **kwargs)
 
 
 def test_mesh_gives_the_default_shard():
   """One process holds every row of any mesh here: shard 0 of 1, the whole batch."""
   mesh = mesh_lib.create_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
-  iterator = _train_pipeline(_config(), mesh=mesh)
+  iterator = data_testing.train_pipeline(_config(), mesh=mesh)
   try:
     assert 'process 0/1' in iterator.description
     assert next(iterator)['global_crops'].shape[0] == 8

@@ -11,18 +11,12 @@ import pytest
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
+import data_testing
+
 from vitreg_jax.data import embedded
-from vitreg_jax.data import image_text, multicrop, pipeline
+from vitreg_jax.data import pipeline
 from vitreg_jax.data import sources
 
-def _train_pipeline(config, **kwargs):
-  """The pipeline over the batch function of the config's kind (multi-crop or image-text)."""
-  kind = config.get('kind', 'multicrop')
-  if kind == 'image_text':
-    config.augment = {k: v for k, v in config.augment.items() if k in image_text.AUGMENT_DEFAULTS}
-    return pipeline.build_train_pipeline(config, image_text.ImageTextBatches(config), **kwargs)
-  config.augment = {k: v for k, v in config.augment.items() if k in multicrop.AUGMENT_DEFAULTS}
-  return pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config), **kwargs)
 
 
 
@@ -150,7 +144,7 @@ def _tfds_config(trainer, **data):
 def test_tfds_mock_data_feeds_the_dinov2_pipeline():
   with tfds.testing.mock_data(num_examples=12):
     config = _tfds_config('multicrop', name='imagenet2012', tfds_image_decoding='tfds')
-    iterator = _train_pipeline(config, process_index=0, process_count=1)
+    iterator = data_testing.train_pipeline(config, process_index=0, process_count=1)
     batches = [next(iterator) for _ in range(4)]  # more than one epoch (12 / 4 = 3 batches)
     iterator.close()
     evaluation = pipeline.build_eval_pipeline(config, split='validation', process_index=0, process_count=1)
@@ -203,7 +197,7 @@ def test_tfds_array_record_raw_bytes_boxes_captions(tiny_tfds_dir):
   assert record['caption'][0].startswith('caption ') and len(record['caption']) == 2
   assert repr(source) == repr(sources.TfdsSource('tiny_captions', 'train', tiny_tfds_dir))
   config = _tfds_config('image_text', name='tiny_captions', data_dir=tiny_tfds_dir)
-  iterator = _train_pipeline(config, process_index=0, process_count=1)
+  iterator = data_testing.train_pipeline(config, process_index=0, process_count=1)
   batch = next(iterator)
   iterator.close()
   assert batch['image'].shape == (4, 28, 28, 3) and batch['tokens'].shape == (4, 77)

@@ -13,11 +13,9 @@ differs); random init 18.8 / 12.5 / 20.7% for seeds
 between.
 """
 
-import json
 import os
-import subprocess
-import sys
 
+import main_testing
 import numpy as np
 import pytest
 from safetensors.torch import load_file
@@ -26,23 +24,13 @@ import torch
 
 from vitreg_jax import convert
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANCE = 100.0 / 6
 LATE_EVAL_MARGIN_POINTS = 8.0  # every second-half eval over chance and random init (measured 13)
 KEEPS_POINTS = 3.0             # the last eval within this of the best one (measured: it is the best)
 
 
-def _main(*args, timeout=1800):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'vitreg_jax.main',
-                           '--config=configs/deit3_reg.py:smoke', *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
-
-
-def _last_json(result) -> dict:
-  return json.loads(result.stdout.strip().splitlines()[-1])
+def _main(*args):
+  return main_testing.run_main(*args, config='configs/deit3_reg.py:smoke')
 
 
 def _timm_smoke_model():
@@ -57,10 +45,9 @@ def _timm_smoke_model():
 def test_deit3_smoke_learns_and_exports_to_timm(tmp_path):
   workdir = str(tmp_path)
   _main(f'--workdir={workdir}')
-  trained = _last_json(_main(f'--workdir={workdir}', '--mode=eval'))
-  baseline = _last_json(_main('--mode=eval', '--eval_random_init'))
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    records = [json.loads(line) for line in f]
+  trained = main_testing.last_json(_main(f'--workdir={workdir}', '--mode=eval'))
+  baseline = main_testing.last_json(_main('--mode=eval', '--eval_random_init'))
+  records = main_testing.metric_records(workdir)
   last_step = max(r['step'] for r in records)
   top1 = {r['step']: r['top1'] for r in records if 'top1' in r}
 

@@ -17,42 +17,30 @@ temperature the entropy sits at 5.3-5.4 and kNN falls to 21.5% by step 1050
 (README, "The quickstart's result"). The asserted margins sit between.
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import main_testing
+
 PROTOTYPES = 256                 # the smoke preset's K
 ENTROPY_BELOW_UNIFORM = 1.0      # nats below ln K over the whole second half (measured: ~1.7)
 ENTROPY_ABOVE_ONE_HOT = 1.0      # nats above 0 (measured: >= 3.2 after warmup)
 LATE_EVAL_MARGIN_POINTS = 3.0    # every eval of the second half over random init (measured: 5.1-5.5)
 
 
-def _main(*args, timeout=1800):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-m', 'vitreg_jax.main',
-                           '--config=configs/dinov2_reg.py:smoke', *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
-
-
-def _last_json(result) -> dict:
-  return json.loads(result.stdout.strip().splitlines()[-1])
+def _main(*args):
+  return main_testing.run_main(*args, config='configs/dinov2_reg.py:smoke')
 
 
 @pytest.mark.slow
 def test_smoke_training_learns_without_collapse(tmp_path):
   workdir = str(tmp_path)
   _main(f'--workdir={workdir}')
-  trained = _last_json(_main(f'--workdir={workdir}', '--mode=eval'))
-  baseline = _last_json(_main('--mode=eval', '--eval_random_init'))
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    records = [json.loads(line) for line in f]
+  trained = main_testing.last_json(_main(f'--workdir={workdir}', '--mode=eval'))
+  baseline = main_testing.last_json(_main('--mode=eval', '--eval_random_init'))
+  records = main_testing.metric_records(workdir)
   last_step = max(r['step'] for r in records)
   entropy = {r['step']: r['teacher_entropy'] for r in records if 'teacher_entropy' in r}
   knn = {r['step']: r['knn_top1'] for r in records if 'knn_top1' in r}

@@ -16,7 +16,6 @@ import pytest
 
 from vitreg_jax.data import pipeline
 from vitreg_jax import recipes
-from vitreg_jax.train import sharded as sharded_lib
 from vitreg_jax.train.state import unbox
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'

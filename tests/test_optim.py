@@ -492,15 +492,6 @@ LAMB_TABLE = deit3.deit3_groups() + (optim.ParamGroup(r'^head/', lr_mult=0.5),
                                      optim.ParamGroup(r'patch_embed', lr_mult=0.1, frozen_steps=2))
 
 
-@pytest.fixture
-def one_torch_thread():
-  """Two torch threads on a loaded 2-core machine run ~10x slower than one."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def _lamb_spec(groups=LAMB_TABLE, **kw):
   return optim.OptimizerSpec(learning_rate=lambda t: jnp.asarray(LAMB_LRS, jnp.float32)[t],
                              weight_decay=lambda t: jnp.asarray(LAMB_WDS, jnp.float32)[t],

@@ -23,7 +23,6 @@ import parallel_worker
 from vitreg_jax.parallel import topology
 from vitreg_jax.train import plan as plan_lib
 from vitreg_jax import recipes
-from vitreg_jax.train import sharded as sharded_lib
 from vitreg_jax.train import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -11,17 +11,15 @@ adding it to the registry with its config file.
 
 import glob
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
 
+import main_testing
 import pytest
 
 from vitreg_jax import recipes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = main_testing.REPO
 SHORT = ['--config.optim.epochs=2', '--config.optim.epoch_length=3',
          '--config.optim.warmup_epochs=1', '--config.train.log_every=1',
          '--config.train.checkpoint_every=3', '--config.train.eval_every=0',
@@ -42,23 +40,9 @@ def _load(path, arg='smoke'):
   return module.get_config(arg)
 
 
-def _main(workdir, *args, config=None, timeout=600):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  command = [sys.executable, '-m', 'vitreg_jax.main', f'--workdir={workdir}', *args]
-  if config:
-    command.insert(3, f'--config={config}')
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-
-
-def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
-      if 'loss' in record:
-        out[record['step']] = record['loss']
-  return out
+def _main(workdir, *args, config=None):
+  return main_testing.run_main(f'--workdir={workdir}', *args, config=config, timeout=600,
+                               check=False)
 
 
 def test_every_config_file_names_a_registered_recipe():
@@ -83,14 +67,14 @@ def test_recipe_trains_checkpoints_resumes_and_exports(name, tmp_path):
   assert 'INFO' not in first.stderr + first.stdout  # the console stays quiet by default
   checkpoints = os.path.join(workdir, 'checkpoints')
   assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == [3, 6]
-  uninterrupted = _losses(workdir)
+  uninterrupted = main_testing.step_losses(workdir)
   assert sorted(uninterrupted) == list(range(1, 7))
 
   shutil.rmtree(os.path.join(checkpoints, '6'))
   resumed = _main(workdir, *flags, config=config)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming from step 3 of 6' in resumed.stderr
-  assert _losses(workdir) == uninterrupted  # steps 4-6 again, exactly
+  assert main_testing.step_losses(workdir) == uninterrupted  # steps 4-6 again, exactly
 
   shutil.rmtree(os.path.join(workdir, 'export'))
   export = _main(workdir, '--mode=export')  # no --config: the saved one
@@ -100,7 +84,7 @@ def test_recipe_trains_checkpoints_resumes_and_exports(name, tmp_path):
 
   evaluation = _main(workdir, '--mode=eval')
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-  metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
+  metrics = main_testing.last_json(evaluation)
   assert metrics and all(isinstance(v, float) for v in metrics.values())
 
   mismatch = _main(workdir, '--mode=eval', *flags, '--config.data.batch_size=16',

@@ -6,17 +6,15 @@ checkpoint-and-exit on SIGTERM, no checkpoint of a NaN state, and that
 training actually learns (kNN over random init).
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
+import main_testing
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 24 steps of the smoke model; checkpoints every 6 steps; every step logged.
 SHORT = ['--config.optim.epochs=4', '--config.optim.epoch_length=6',
          '--config.optim.warmup_epochs=1', '--config.teacher.warmup_teacher_temp_epochs=1',
@@ -28,31 +26,13 @@ TOTAL_STEPS = 24
 
 
 def _command(workdir, extra=()):
-  return [sys.executable, '-m', 'vitreg_jax.main', '--config=configs/dinov2_reg.py:smoke',
-          f'--workdir={workdir}', *SHORT, *extra]
-
-
-def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = ''  # one CPU device, as a laptop user has
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  return main_testing.command(f'--workdir={workdir}', *SHORT, *extra,
+                              config='configs/dinov2_reg.py:smoke')
 
 
 def _run(workdir, extra=(), timeout=900):
-  return subprocess.run(_command(workdir, extra), cwd=REPO, env=_env(), capture_output=True,
-                        text=True, timeout=timeout)
-
-
-def _losses(workdir) -> dict[int, float]:
-  """Per-step loss; a step logged twice (before a kill, after resume) keeps the later value."""
-  losses = {}
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
-      if 'loss' in record:
-        losses[record['step']] = record['loss']
-  return losses
+  return main_testing.run_main(f'--workdir={workdir}', *SHORT, *extra,
+                               config='configs/dinov2_reg.py:smoke', timeout=timeout, check=False)
 
 
 def _checkpoint_steps(workdir):
@@ -61,7 +41,8 @@ def _checkpoint_steps(workdir):
 
 
 def _start(workdir, extra=()):
-  return subprocess.Popen(_command(workdir, extra), cwd=REPO, env=_env(),
+  return subprocess.Popen(_command(workdir, extra), cwd=main_testing.REPO,
+                          env=main_testing.env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -71,7 +52,7 @@ def _wait_for_step(proc, workdir, step, timeout=600):
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f'run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}')
-    if os.path.exists(path) and any(s >= step for s in _losses(workdir)):
+    if os.path.exists(path) and any(s >= step for s in main_testing.step_losses(workdir)):
       return
     time.sleep(0.2)
   proc.kill()
@@ -96,7 +77,7 @@ def test_exact_resume_after_sigkill(uninterrupted, tmp_path):
     time.sleep(0.1)
   # Seeded so a failure can be replayed: KILL_SEED=<printed seed> pytest ...
   seed = int(os.environ.get('KILL_SEED', time.time_ns() % 2**32))
-  kill_at = min(max(_losses(workdir)) + int(np.random.default_rng(seed).integers(1, 6)),
+  kill_at = min(max(main_testing.step_losses(workdir)) + int(np.random.default_rng(seed).integers(1, 6)),
                 TOTAL_STEPS - 1)
   print(f'kill point: step {kill_at} (KILL_SEED={seed})')
   _wait_for_step(proc, workdir, kill_at)
@@ -106,7 +87,7 @@ def test_exact_resume_after_sigkill(uninterrupted, tmp_path):
   resumed = _run(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resuming from step' in resumed.stderr
-  expected, got = _losses(uninterrupted), _losses(workdir)
+  expected, got = main_testing.step_losses(uninterrupted), main_testing.step_losses(workdir)
   assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
   assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)], (
       f'killed at step {kill_at} (KILL_SEED={seed}): losses differ after resume')
@@ -121,12 +102,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted, tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-3000:]
-  stopped_at = max(_losses(workdir))
+  stopped_at = max(main_testing.step_losses(workdir))
   assert stopped_at < TOTAL_STEPS
   assert _checkpoint_steps(workdir)[-1] == stopped_at, 'SIGTERM must checkpoint the last step'
   resumed = _run(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  expected, got = _losses(uninterrupted), _losses(workdir)
+  expected, got = main_testing.step_losses(uninterrupted), main_testing.step_losses(workdir)
   assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(expected)]
 
 
@@ -138,7 +119,7 @@ def test_nan_loss_stops_before_saving(tmp_path):
                           '--config.optim.clip_grad=0.0'])
   assert result.returncode != 0
   assert 'NonFiniteLossError' in result.stderr and 'stopping without saving' in result.stderr
-  losses = _losses(workdir)
+  losses = main_testing.step_losses(workdir)
   for step in _checkpoint_steps(workdir):
     assert np.isfinite(losses[step]), f'checkpoint of a non-finite state at step {step}'
 

@@ -7,7 +7,6 @@ cosine similarity, k neighbours voting ``exp(sim / T)``. The high-norm fraction
 artifacts during training.
 """
 
-import numpy as np
 
 from vitreg_jax.analysis import features as features_lib
 from vitreg_jax.analysis import knn, norms

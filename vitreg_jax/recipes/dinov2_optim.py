@@ -8,7 +8,6 @@ optimizer (``train/optim.py``): AdamW, per-submodule clipping, layer decay.
 """
 
 import dataclasses
-import math
 import re
 
 import jax

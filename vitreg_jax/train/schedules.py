@@ -8,7 +8,6 @@ from ``base`` to ``final`` over the remaining steps, and ``final`` from
 ``iteration``).
 """
 
-import dataclasses
 import math
 
 import jax.numpy as jnp
