@@ -8,10 +8,10 @@ step 0 has the last layer frozen, steps 1-2 update every parameter group; the
 teacher temperature warms up over the 3 steps. Loss terms, schedules,
 per-submodule gradient norms, Adam moments (the clipped gradients), the
 student's update and params, the teacher and the centres must agree to 1e-5
-relative (float32, highest matmul precision). Two allowances, both derived,
-not tuned: Adam's response to rounding where a gradient entry is ~1e-8
-(``adam_slack``), and the float32 spacing of values near 1 when an update is
-read off them.
+relative (float32, highest matmul precision; Adam's second moment, a square,
+to 2e-5). Two allowances, both derived, not tuned: Adam's response to
+rounding where a gradient entry is ~1e-8 (``adam_slack``), and the float32
+spacing of values near 1 when an update is read off them.
 
 Global crops 24 px (3x3 patches) use pos_embed as is; local crops 16 px (2x2)
 exercise its antialiased bicubic resampling. Each image has its own colour so
@@ -42,15 +42,6 @@ CLIP = 100.0
 # XLA:CPU code generation at its cheapest: compiles 2-3x faster, same program (the
 # step's semantics are under test, not LLVM's); the default level passes too.
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-@pytest.fixture
-def one_torch_thread():
-  """Two torch threads on a loaded 2-core machine run ~10x slower than one."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def smoke_config(centering: str, separate_ibot_head: bool):
@@ -106,12 +97,12 @@ def rel_err(got, ref) -> float:
   return float(np.abs(got - ref).max() / scale) if scale else float(np.abs(got).max())
 
 
-def bounded(got, ref, slack=0.0) -> float:
-  """``max |got - ref| / (TOL max|ref| + slack)`` over entries: at most 1 passes."""
+def bounded(got, ref, slack=0.0, tol=TOL) -> float:
+  """``max |got - ref| / (tol max|ref| + slack)`` over entries: at most 1 passes."""
   got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
   assert got.shape == ref.shape, (got.shape, ref.shape)
   diff = np.abs(got - ref)
-  allowed = TOL * np.abs(ref).max() + slack
+  allowed = tol * np.abs(ref).max() + slack
   with np.errstate(divide='ignore', invalid='ignore'):
     return float(np.where(diff == 0, 0.0, diff / allowed).max())
 
@@ -202,7 +193,8 @@ def test_train_step_matches_torch_reference(centering, separate):
     mu, nu = flat_ours(adam.mu), flat_ours(adam.nu)
     for k, (m, v) in adam_moments(ref).items():
       checks[f'adam_mu {k}'] = bounded(mu[k], m)
-      checks[f'adam_nu {k}'] = bounded(nu[k], v)
+      # g**2 doubles g's relative error: |d(g**2)| = 2|g||dg| <= 2 TOL max(g**2)
+      checks[f'adam_nu {k}'] = bounded(nu[k], v, tol=2 * TOL)
     # student: this step's update and the values; teacher: the EMA of the values
     slack = adam_slack(ref)
     momentum = theirs['momentum']
