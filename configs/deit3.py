@@ -4,17 +4,11 @@
   --config=configs/deit3.py:smoke
 """
 
-import importlib.util
 import os
 
-
-def _deit3_reg():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'deit3_reg.py')
-  spec = importlib.util.spec_from_file_location('vitreg_configs_deit3_reg', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from vitreg_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  return _deit3_reg().get_config(arg, registers=0)
+  sibling = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'deit3_reg.py')
+  return config_lib.from_file(sibling, arg, registers=0)

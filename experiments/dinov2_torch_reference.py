@@ -17,22 +17,19 @@ and at the end.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
 
+from vitreg_jax import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg: str, overrides):
-  spec = importlib.util.spec_from_file_location('dinov2_reg', os.path.join(REPO, 'configs',
-                                                                           'dinov2_reg.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = config_lib.from_file(os.path.join(REPO, 'configs', 'dinov2_reg.py'), arg)
   for item in overrides:
     path, _, value = item.partition('=')
     *parents, leaf = path.split('.')
@@ -98,7 +95,7 @@ def main():
   import torch  # pylint: disable=import-outside-toplevel
   import dinov2_torch  # pylint: disable=import-outside-toplevel
   from vitreg_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import recipes  # pylint: disable=import-outside-toplevel
+  from vitreg_jax import recipes  # pylint: disable=import-outside-toplevel
   from vitreg_jax.train.state import unbox  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(args.threads)

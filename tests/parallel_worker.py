@@ -17,10 +17,11 @@ mesh shapes on its four devices (same program, other devices).
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import pathlib
 import sys
+
+from vitreg_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
@@ -47,11 +48,7 @@ XLA_FLAGS = '--xla_backend_optimization_level=0'
 
 def load_config(arg: str = 'smoke', file: str = 'deit3_reg.py'):
   """``configs/FILE:ARG`` (configs/ is no package)."""
-  path = REPO / 'configs' / file
-  spec = importlib.util.spec_from_file_location(path.stem + '_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.from_file(REPO / 'configs' / file, arg)
 
 
 def test_config(mesh=None, strategy='fsdp_tp'):

@@ -6,7 +6,6 @@ each preset's structure (FFN, centering, heads, remat, scan, drop-path mode,
 batch/group ratio), trains two steps on the embedded data.
 """
 
-import importlib.util
 import math
 import pathlib
 
@@ -14,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from vitreg_jax.data import pipeline
+from vitreg_jax import config as config_lib
 from vitreg_jax import recipes
+from vitreg_jax.data import pipeline
 from vitreg_jax.train.state import unbox
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -26,10 +26,7 @@ GROUP = {'S/14': 64, 'B/14': 64, 'L/16': 64, 'L/14': 32, 'g/14': 12}
 
 
 def load(file: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f'preset_{file[:-3]}', CONFIGS / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.from_file(CONFIGS / file, arg)
 
 
 @pytest.mark.parametrize('file', ['dinov2_reg.py', 'dinov2.py'])

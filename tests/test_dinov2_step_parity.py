@@ -20,7 +20,6 @@ model's targets collapse within two steps, the DINO gradient becomes a
 difference of near-equal probabilities, and float32 agrees only to ~5e-5.
 """
 
-import importlib.util
 import pathlib
 
 import dinov2_torch
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitreg_jax import config as config_lib
 from vitreg_jax import recipes
 from vitreg_jax.train.state import unbox
 
@@ -45,10 +45,7 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive
 
 
 def smoke_config(centering: str, separate_ibot_head: bool):
-  spec = importlib.util.spec_from_file_location('dinov2_reg_parity', CONFIGS / 'dinov2_reg.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config('smoke')
+  c = config_lib.from_file(CONFIGS / 'dinov2_reg.py', 'smoke')
   c.model.update(embed_dim=32, depth=2, num_heads=2, num_registers=4, patch_size=8,
                  drop_path_rate=0.0, layerscale_init=1.0)
   c.augment.update(global_crops_size=24, local_crops_size=16, local_crops_number=2)

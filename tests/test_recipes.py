@@ -10,13 +10,13 @@ adding it to the registry with its config file.
 """
 
 import glob
-import importlib.util
 import os
 import shutil
 
 import main_testing
 import pytest
 
+from vitreg_jax import config as config_lib
 from vitreg_jax import recipes
 
 REPO = main_testing.REPO
@@ -34,10 +34,7 @@ def _config_file(name):
 
 
 def _load(path, arg='smoke'):
-  spec = importlib.util.spec_from_file_location('recipe_test_config', os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.from_file(os.path.join(REPO, path), arg)
 
 
 def _main(workdir, *args, config=None):

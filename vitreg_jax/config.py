@@ -21,6 +21,8 @@ mistake raises ``ConfigError`` with one line naming the key and the valid
 choices; ``main`` prints that line without a traceback.
 """
 
+import importlib.util
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -88,6 +90,20 @@ def base_config(recipe: str, **sections: Mapping[str, Any]) -> ml_collections.Co
   for name in SHARED_SECTIONS:
     c[name] = section(name, **dict(sections.get(name, {})))
   return c
+
+
+def from_file(path: str | os.PathLike, arg: str | None = None, **kwargs) -> ml_collections.ConfigDict:
+  """``get_config(arg, **kwargs)`` of the config file at ``path`` (``configs/`` is no package).
+
+  What ``--config=PATH:ARG`` gives, for scripts, tests and a baseline config
+  that reuses its register sibling (``configs/dinov2.py``).
+  """
+  path = os.fspath(path)
+  name = 'vitreg_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg, **kwargs)
 
 
 def check_keys(given: Mapping[str, Any], valid: Sequence[str] | Mapping[str, Any],

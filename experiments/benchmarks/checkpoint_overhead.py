@@ -20,7 +20,6 @@ run taken under load is flagged.
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -28,18 +27,18 @@ import time
 
 import numpy as np
 
+from vitreg_jax import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUIET_LOAD = 0.5
 
 
 def load_config(model: str):
-  spec = importlib.util.spec_from_file_location('dinov2_reg', os.path.join(REPO, 'configs', 'dinov2_reg.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  path = os.path.join(REPO, 'configs', 'dinov2_reg.py')
   if model == 'smoke':
-    config = module.get_config('smoke')
+    config = config_lib.from_file(path, 'smoke')
   else:
-    config = module.get_config('variant=B/14')
+    config = config_lib.from_file(path, 'variant=B/14')
     config.model.update(dtype='float32', scan_blocks=False, remat_policy='none')
     config.augment.local_crops_number = 2
     config.data.batch_size = config.group_size = 2
@@ -82,7 +81,7 @@ def main():
 
   import jax  # pylint: disable=import-outside-toplevel
   from vitreg_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  from vitreg_jax.train import sharded as sharded_lib  # pylint: disable=import-outside-toplevel
+  from vitreg_jax import recipes  # pylint: disable=import-outside-toplevel
 
   config = load_config(args.model)
   sharded = recipes.sharded(config, devices=jax.devices()[:1])

@@ -11,20 +11,18 @@ measured in the same run; the analytic model-FLOP count is printed beside it.
 """
 
 import argparse
-import importlib.util
 import os
 import time
 
 import numpy as np
 
+from vitreg_jax import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(batch: int, prototypes: int):
-  spec = importlib.util.spec_from_file_location('dinov2_reg', os.path.join(REPO, 'configs', 'dinov2_reg.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('variant=S/14')
+  config = config_lib.from_file(os.path.join(REPO, 'configs', 'dinov2_reg.py'), 'variant=S/14')
   config.model.update(dtype='float32', scan_blocks=False, remat_policy='none', drop_path_rate=0.1)
   config.data.batch_size = batch
   config.group_size = batch
@@ -42,7 +40,8 @@ def main():
   args = parser.parse_args()
 
   import jax
-  from vitreg_jax.train import mfu, sharded as sharded_lib
+  from vitreg_jax import recipes
+  from vitreg_jax.train import mfu
 
   config = load_config(args.batch, args.prototypes)
   sharded = recipes.sharded(config, devices=jax.devices()[:1])
