@@ -15,6 +15,7 @@ schedules):
 * ``auto``: ``per_example`` on CPU, ``fused`` on GPU, ``xla`` on TPU.
 
 Probabilities (for attention-map analyses) are returned only when asked.
+``causal=True`` (the CLIP text tower) lets query ``i`` see keys ``0..i`` only.
 """
 
 import jax
@@ -31,18 +32,29 @@ def resolve_impl(impl: str) -> str:
   return {'cpu': 'per_example', 'gpu': 'fused'}.get(jax.default_backend(), 'xla')
 
 
-def _xla(q, k, v, return_probs):
+def _mask_future(logits):
+  """Logits ``[..., Q, K]`` with key ``j > i`` of query ``i`` set to ``-inf``."""
+  q, k = logits.shape[-2:]
+  keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def _xla(q, k, v, return_probs, causal=False):
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
+  if causal:
+    logits = _mask_future(logits)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
   return out, (probs if return_probs else None)
 
 
-def _one_example(q, k, v, return_probs):
-  """Attention of one image, ``q, k, v [T, H, hd]``; softmax normalised late."""
+def _one_example(q, k, v, return_probs, causal=False):
+  """Attention of one example, ``q, k, v [T, H, hd]``; softmax normalised late."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('qhd,khd->hqk', q * scale, k, preferred_element_type=jnp.float32)
+  if causal:
+    logits = _mask_future(logits)
   # Any shift leaves softmax unchanged, so the max needs no gradient.
   shifted = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   total = shifted.sum(-1)  # [H, T]
@@ -51,15 +63,16 @@ def _one_example(q, k, v, return_probs):
   return out, (shifted / total[..., None] if return_probs else None)
 
 
-def _per_example(q, k, v, return_probs):
-  return jax.lax.map(lambda qkv: _one_example(*qkv, return_probs), (q, k, v))
+def _per_example(q, k, v, return_probs, causal=False):
+  return jax.lax.map(lambda qkv: _one_example(*qkv, return_probs, causal), (q, k, v))
 
 
-def dot_product_attention(q, k, v, *, impl: str = 'auto', return_probs: bool = False):
+def dot_product_attention(q, k, v, *, impl: str = 'auto', return_probs: bool = False,
+                          causal: bool = False):
   """Returns ``(out [B, T, H, hd], probs [B, H, T, T] float32 or None)``."""
   impl = resolve_impl(impl)
   if impl == 'per_example':
-    return _per_example(q, k, v, return_probs)
+    return _per_example(q, k, v, return_probs, causal)
   if impl == 'xla' or return_probs:
-    return _xla(q, k, v, return_probs)
-  return jax.nn.dot_product_attention(q, k, v), None
+    return _xla(q, k, v, return_probs, causal)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal), None

@@ -6,6 +6,7 @@ the head and q/k/v axes explicit (``qkv`` kernel ``[D, 3, H, hd]``) so tensor
 parallelism can shard heads without splitting q, k and v across devices.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,6 +17,25 @@ from vitreg_jax.models import attention as attention_lib
 
 Dtype = Any
 LINEAR_INIT = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)``."""
+  return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+# MLP activations by name: exact GELU (DINOv2, timm, OpenCLIP's default) or
+# QuickGELU (OpenAI CLIP weights, OpenCLIP ``*-quickgelu`` configs).
+ACTIVATIONS = {'gelu': functools.partial(nn.gelu, approximate=False), 'quick_gelu': quick_gelu}
+
+
+def check_activation(act: str, ffn: str = 'mlp') -> None:
+  if ffn not in ('mlp', 'swiglu'):
+    raise ValueError(f"ffn={ffn!r}; valid: 'mlp', 'swiglu'")
+  if act not in ACTIVATIONS:
+    raise ValueError(f'act={act!r}; valid: {sorted(ACTIVATIONS)}')
+  if ffn == 'swiglu' and act != 'gelu':
+    raise ValueError(f"act={act!r} applies to ffn='mlp' only (SwiGLU gates with SiLU)")
 
 
 def logical(init: Callable, *names: str | None) -> Callable:
@@ -63,11 +83,13 @@ class Attention(nn.Module):
   """Multi-head self-attention; optionally returns the probabilities.
 
   Sows ``q``, ``k``, ``v`` (``[B, T, H, hd]``, before the ``hd ** -0.5``
-  scaling) into ``'intermediates'``.
+  scaling) into ``'intermediates'``. ``causal``: token ``i`` attends to
+  tokens ``0..i`` only (CLIP's text tower).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   impl: str = 'auto'
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, return_probs: bool = False):
@@ -84,15 +106,17 @@ class Attention(nn.Module):
     self.sow('intermediates', 'k', k)
     self.sow('intermediates', 'v', v)
     out, probs = attention_lib.dot_product_attention(
-        q, k, v, impl=self.impl, return_probs=return_probs)
+        q, k, v, impl=self.impl, return_probs=return_probs, causal=self.causal)
     out = DenseND((dim,), ('heads', 'head_dim', 'embed'), ('embed',), contract_dims=2,
                   dtype=self.dtype, name='proj')(out)
     return out, probs
 
 
 class Mlp(nn.Module):
+  """``fc2(act(fc1(x)))``; ``act`` names an entry of ``ACTIVATIONS``."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  act: str = 'gelu'
 
   @nn.compact
   def __call__(self, x):
@@ -100,7 +124,7 @@ class Mlp(nn.Module):
     x = nn.Dense(self.hidden_dim, dtype=self.dtype,
                  kernel_init=logical(LINEAR_INIT, 'embed', 'mlp'),
                  bias_init=logical(nn.initializers.zeros, 'mlp'), name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = ACTIVATIONS[self.act](x)
     return nn.Dense(dim, dtype=self.dtype,
                     kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),
                     bias_init=logical(nn.initializers.zeros, 'embed'), name='fc2')(x)
@@ -199,7 +223,8 @@ class Block(nn.Module):
   In training, ``drop_path_rate`` drops residual branches: per sample
   (``drop_path_mode='sample'``, timm's) or DINOv2's exact subset per group of
   ``rows / drop_path_groups`` rows (``'subset'``: what DINOv2's student runs,
-  its nested-tensor forward, at any rate > 0).
+  its nested-tensor forward, at any rate > 0). ``act`` is the MLP's
+  activation; ``causal`` masks attention to earlier tokens (text towers).
   """
   num_heads: int
   mlp_hidden_dim: int
@@ -211,13 +236,19 @@ class Block(nn.Module):
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   attention_impl: str = 'auto'
+  act: str = 'gelu'
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, return_probs: bool = False):
     x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
-    attn = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')
+    attn = Attention(self.num_heads, self.dtype, self.attention_impl, self.causal, name='attn')
     norm1 = layer_norm(self.norm_eps, self.dtype, 'norm1')
-    ffn = {'mlp': Mlp, 'swiglu': SwiGLU}[self.ffn](self.mlp_hidden_dim, self.dtype, name='mlp')
+    check_activation(self.act, self.ffn)
+    if self.ffn == 'mlp':
+      ffn = Mlp(self.mlp_hidden_dim, self.dtype, self.act, name='mlp')
+    else:
+      ffn = SwiGLU(self.mlp_hidden_dim, self.dtype, name='mlp')
     norm2 = layer_norm(self.norm_eps, self.dtype, 'norm2')
     scale1 = scale2 = lambda y: y
     if self.layerscale_init is not None:

@@ -66,6 +66,7 @@ class PatchProjection(nn.Module):
   patch_size: int
   embed_dim: int
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, images):
@@ -78,10 +79,12 @@ class PatchProjection(nn.Module):
     kernel = self.param(
         'kernel', layers.logical(TORCH_CONV_KERNEL_INIT, None, None, None, 'embed'),
         (p, p, c, self.embed_dim), jnp.float32)
-    bias = self.param('bias', layers.logical(torch_conv_bias_init(p * p * c), 'embed'),
-                      (self.embed_dim,), jnp.float32)
     patches = images.reshape(b, h // p, p, w // p, p, c).astype(self.dtype)
     out = jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel.astype(self.dtype))
+    if not self.use_bias:
+      return out
+    bias = self.param('bias', layers.logical(torch_conv_bias_init(p * p * c), 'embed'),
+                      (self.embed_dim,), jnp.float32)
     return out + bias.astype(self.dtype)
 
 
@@ -90,10 +93,12 @@ class PatchEmbed(nn.Module):
   patch_size: int
   embed_dim: int
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, images):
-    return PatchProjection(self.patch_size, self.embed_dim, self.dtype, name='proj')(images)
+    return PatchProjection(self.patch_size, self.embed_dim, self.dtype, self.use_bias,
+                           name='proj')(images)
 
 
 class ScannedBlock(layers.Block):
@@ -106,8 +111,47 @@ class ScannedBlock(layers.Block):
     return x, (x if self.return_layers else None, probs)
 
 
+def run_blocks(block_kwargs: dict, depth: int, x, deterministic: bool, return_layers: bool,
+               return_attention: bool, scan_blocks: bool = False, remat_policy: str = 'none'):
+  """``depth`` blocks ``Block(**block_kwargs)`` on ``x``: ``blocks_{i}``, or one scanned ``blocks``.
+
+  Call from a compact method: the blocks become submodules of the calling
+  module. Returns ``x`` and the stacked per-layer tokens / attention
+  probabilities (``None`` unless asked).
+  """
+  policy = REMAT_POLICIES[remat_policy]
+  if scan_blocks:
+    body = ScannedBlock
+    if remat_policy != 'none':
+      body = nn.remat(body, policy=policy, static_argnums=(2,), prevent_cse=False)
+    scanned = nn.scan(
+        body, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True, 'dropout': True},
+        in_axes=nn.broadcast, length=depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, (per_layer, probs) = scanned(
+        **block_kwargs, return_layers=return_layers,
+        return_probs=return_attention, name='blocks')(x, deterministic)
+    return x, per_layer, probs
+  block_cls = layers.Block
+  if remat_policy != 'none':
+    block_cls = nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
+  per_layer, probs = [], []
+  for i in range(depth):
+    x, p = block_cls(**block_kwargs, name=f'blocks_{i}')(x, deterministic, return_attention)
+    per_layer.append(x)
+    probs.append(p)
+  stack = lambda xs, on: jnp.stack(xs) if on else None
+  return x, stack(per_layer, return_layers), stack(probs, return_attention)
+
+
 class VisionTransformer(nn.Module):
-  """DINOv2-style ViT; see the module docstring for the token layout."""
+  """DINOv2-style ViT; see the module docstring for the token layout.
+
+  ``norm_pre``, ``patch_bias=False`` and ``act='quick_gelu'`` give OpenCLIP's
+  (and timm's ``*_clip_*``) variant: a LayerNorm ``norm_pre`` on all tokens
+  before the blocks, a bias-free patch projection, QuickGELU for OpenAI
+  weights. The defaults are DINOv2's.
+  """
   patch_size: int = 14
   embed_dim: int = 384
   depth: int = 12
@@ -124,6 +168,9 @@ class VisionTransformer(nn.Module):
   interpolate_antialias: bool = True
   interpolate_offset: float = 0.0
   norm_eps: float = 1e-6
+  norm_pre: bool = False
+  patch_bias: bool = True
+  act: str = 'gelu'  # 'gelu' | 'quick_gelu' (MLP activation)
   dtype: Dtype = jnp.float32
   scan_blocks: bool = False
   remat_policy: str = 'none'
@@ -147,11 +194,12 @@ class VisionTransformer(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}')
     layers.check_drop_path_mode(self.drop_path_mode)
+    layers.check_activation(self.act, self.ffn)
 
   def _tokens(self, images, masks):
     """Patch embed, iBOT mask tokens, cls + pos_embed, then registers."""
     d = self.embed_dim
-    x = PatchEmbed(self.patch_size, d, self.dtype, name='patch_embed')(images)
+    x = PatchEmbed(self.patch_size, d, self.dtype, self.patch_bias, name='patch_embed')(images)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, d)
     self.sow('intermediates', 'patch_embed_out', x)
@@ -186,34 +234,13 @@ class VisionTransformer(nn.Module):
     return dict(num_heads=self.num_heads, mlp_hidden_dim=self.mlp_hidden_dim, ffn=self.ffn,
                 layerscale_init=self.layerscale_init, drop_path_rate=self.drop_path_rate,
                 drop_path_mode=self.drop_path_mode, drop_path_groups=self.drop_path_groups,
-                norm_eps=self.norm_eps, dtype=self.dtype, attention_impl=self.attention_impl)
+                norm_eps=self.norm_eps, dtype=self.dtype, attention_impl=self.attention_impl,
+                act=self.act)
 
   def _blocks(self, x, deterministic, return_layers, return_attention):
     """Runs the blocks; returns ``x`` and stacked per-layer tokens / probs."""
-    policy = REMAT_POLICIES[self.remat_policy]
-    if self.scan_blocks:
-      body = ScannedBlock
-      if self.remat_policy != 'none':
-        body = nn.remat(body, policy=policy, static_argnums=(2,), prevent_cse=False)
-      scanned = nn.scan(
-          body, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=nn.broadcast, length=self.depth,
-          metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, (per_layer, probs) = scanned(
-          **self._block_kwargs(), return_layers=return_layers,
-          return_probs=return_attention, name='blocks')(x, deterministic)
-      return x, per_layer, probs
-    block_cls = layers.Block
-    if self.remat_policy != 'none':
-      block_cls = nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
-    per_layer, probs = [], []
-    for i in range(self.depth):
-      x, p = block_cls(**self._block_kwargs(), name=f'blocks_{i}')(
-          x, deterministic, return_attention)
-      per_layer.append(x)
-      probs.append(p)
-    stack = lambda xs, on: jnp.stack(xs) if on else None
-    return x, stack(per_layer, return_layers), stack(probs, return_attention)
+    return run_blocks(self._block_kwargs(), self.depth, x, deterministic, return_layers,
+                      return_attention, self.scan_blocks, self.remat_policy)
 
   @nn.compact
   def __call__(self, images, masks=None, train: bool = False,
@@ -230,6 +257,8 @@ class VisionTransformer(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be NHWC with 3 channels, got shape {images.shape}')
     x, _ = self._tokens(images, masks)
+    if self.norm_pre:
+      x = layers.layer_norm(self.norm_eps, self.dtype, 'norm_pre')(x)
     x = nn.with_logical_constraint(x, ('batch', 'tokens', 'embed'))
     x, per_layer, probs = self._blocks(x, not train, return_layers, return_attention)
     norm = layers.layer_norm(self.norm_eps, self.dtype, 'norm')
