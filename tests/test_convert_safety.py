@@ -89,9 +89,9 @@ def test_non_standard_width_needs_heads(tmp_path):
 
 
 def test_unknown_format_and_override_are_named(tmp_path):
-  valid = r"valid formats: \['dinov2', 'hf', 'timm', 'vitreg'\]"
+  valid = r"FORMAT one of \['dinov2', 'hf', 'open_clip', 'timm', 'vitreg'\]"
   with pytest.raises(convert.ConversionError, match=valid):
-    convert.load(f'open_clip:{tmp_path}/x.bin')
+    convert.load(f'onnx:{tmp_path}/x.bin')
   with pytest.raises(convert.ConversionError, match='expected FORMAT:PATH'):
     convert.load(f'{tmp_path}/x.bin')
   save_file(ct.timm_model('reg4').state_dict(), tmp_path / 'model.safetensors')

@@ -1,9 +1,10 @@
 """The architecture of a checkpoint: carried by its config, named, or read off its shapes.
 
 Shapes give the width, depth, patch size, registers, FFN type and width,
-LayerScale presence and the position-embedding grid; they do not give the
-number of heads, which comes from the standard variant table for the usual
-widths (``VARIANTS`` in ``models/vit.py``) unless a name or override says.
+LayerScale, pre-norm and patch-bias presence and the position-embedding grid;
+they do not give the number of heads, which comes from the standard variant
+table for the usual widths (``VARIANTS`` in ``models/vit.py``) unless a name
+or override says, nor the activation or LayerNorm eps.
 """
 
 import math
@@ -18,7 +19,7 @@ from vitreg_jax.models.vit import VARIANTS, arch_kwargs
 ARCH_FIELDS = (
     'patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'ffn', 'num_registers',
     'class_token', 'layerscale_init', 'img_size', 'interpolate_antialias', 'interpolate_offset',
-    'norm_eps')
+    'norm_eps', 'norm_pre', 'patch_bias', 'act')
 # What an arch name such as 'vitl14_reg' fixes.
 NAMED_FIELDS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'ffn', 'num_registers',
                 'mlp_ratio')
@@ -26,7 +27,7 @@ HEADS_BY_WIDTH = {dim: heads for dim, _, heads, _ in VARIANTS.values()}
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 
 
-def _mlp_ratio(dim: int, hidden: int, ffn: str) -> float:
+def mlp_ratio_for(dim: int, hidden: int, ffn: str) -> float:
   """A ratio that reproduces ``hidden`` with the model's own width formula."""
   if ffn == 'swiglu':
     width = layers.swiglu_hidden_dim
@@ -55,7 +56,7 @@ def infer_from_hub_shapes(shapes: dict) -> tuple[dict, int | None]:
       raise ConversionError(
           f'patch_embed.proj.weight has shape {(dim, chans, ph, pw)}; only square patches on '
           '3-channel images are supported')
-    kw.update(embed_dim=dim, patch_size=ph)
+    kw.update(embed_dim=dim, patch_size=ph, patch_bias='patch_embed.proj.bias' in shapes)
     if dim in HEADS_BY_WIDTH:
       kw['num_heads'] = HEADS_BY_WIDTH[dim]
   blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
@@ -69,12 +70,13 @@ def infer_from_hub_shapes(shapes: dict) -> tuple[dict, int | None]:
   dim = kw.get('embed_dim')
   if dim and 'blocks.0.mlp.w12.weight' in shapes:
     kw['ffn'] = 'swiglu'
-    kw['mlp_ratio'] = _mlp_ratio(dim, shapes['blocks.0.mlp.w12.weight'][0] // 2, 'swiglu')
+    kw['mlp_ratio'] = mlp_ratio_for(dim, shapes['blocks.0.mlp.w12.weight'][0] // 2, 'swiglu')
   elif dim and 'blocks.0.mlp.fc1.weight' in shapes:
     kw['ffn'] = 'mlp'
-    kw['mlp_ratio'] = _mlp_ratio(dim, shapes['blocks.0.mlp.fc1.weight'][0], 'mlp')
+    kw['mlp_ratio'] = mlp_ratio_for(dim, shapes['blocks.0.mlp.fc1.weight'][0], 'mlp')
   if blocks:
     kw['layerscale_init'] = 1e-5 if 'blocks.0.ls1.gamma' in shapes else None
+    kw['norm_pre'] = 'norm_pre.weight' in shapes
   return kw, grid
 
 

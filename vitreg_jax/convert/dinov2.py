@@ -2,7 +2,9 @@
 
 Our names are DINOv2's with ``/`` for ``.``; only layouts differ (torch Linear
 ``[out, in]``, conv ``[O, I, kh, kw]``, and our explicit head / q-k-v / SwiGLU
-half axes). timm and HF are written as maps from these names.
+half axes). timm and HF are written as maps from these names; the hub layout
+also names timm's ``norm_pre`` (CLIP-style towers), which DINOv2 itself lacks.
+A model without a patch-embedding bias is exported with a zero bias.
 
 Training checkpoints are accepted too: the backbone is found under its prefix
 (``teacher.backbone.`` preferred over the student's), heads are dropped, and
@@ -12,7 +14,7 @@ FSDP block chunks (``blocks.{chunk}.{i}.``) are flattened.
 import logging
 import re
 
-from vitreg_jax.convert import tensor_files
+from vitreg_jax.convert import layout, tensor_files
 from vitreg_jax.convert.checks import ConversionError
 from vitreg_jax.convert.layout import CONV, LINEAR, VECTOR, Rule, Table, linear
 
@@ -26,6 +28,8 @@ TABLE = Table((
     Rule('mask_token', 'mask_token'),
     Rule('patch_embed/proj/kernel', 'patch_embed.proj.weight', CONV),
     Rule('patch_embed/proj/bias', 'patch_embed.proj.bias'),
+    Rule('norm_pre/scale', 'norm_pre.weight'),  # timm's name (CLIP towers); DINOv2 has none
+    Rule('norm_pre/bias', 'norm_pre.bias'),
     Rule('blocks_{i}/norm1/scale', 'blocks.{i}.norm1.weight'),
     Rule('blocks_{i}/norm1/bias', 'blocks.{i}.norm1.bias'),
     # [3D, D] -> [D, 3, H, hd]
@@ -60,6 +64,24 @@ def ours_to_hub(ours: dict) -> dict:
       raise ConversionError(f'parameter {name} has no DINOv2 equivalent')
     hub[hub_name] = rule.layout.from_ours(x)
   return hub
+
+
+def with_patch_bias(hub: dict) -> dict:
+  """``hub`` with a zero ``patch_embed.proj.bias`` when it has none (same function)."""
+  if 'patch_embed.proj.bias' in hub:
+    return hub
+  weight = hub['patch_embed.proj.weight']
+  return {**hub, 'patch_embed.proj.bias': layout.zeros(weight.shape[:1], weight)}
+
+
+def refuse_unless(model, fmt: str, *, norm_pre: bool = False, quick_gelu: bool = False) -> None:
+  """``ConversionError`` when ``fmt`` cannot express the model's pre-norm or QuickGELU."""
+  if model.norm_pre and not norm_pre:
+    raise ConversionError(f'{fmt} models have no norm_pre (LayerNorm before the blocks); this '
+                          'model has one (an OpenCLIP-style tower): export it to timm or vitreg')
+  if model.act != 'gelu' and not quick_gelu:
+    raise ConversionError(f'{fmt} models use exact GELU; this model uses act={model.act!r}: '
+                          'export it to timm, hf or vitreg')
 
 
 def hub_to_ours(hub: dict, expected: dict) -> dict:
@@ -102,8 +124,9 @@ def convention(num_registers: int) -> dict:
 
 
 def from_ours(ours: dict, model, like=None) -> dict:
-  del model, like
-  return ours_to_hub(ours)
+  del like
+  refuse_unless(model, 'DINOv2 hub')
+  return with_patch_bias(ours_to_hub(ours))
 
 
 def to_ours(tensors: dict, expected: dict) -> dict:

@@ -12,7 +12,9 @@ saving), so an export loads in both. Imports also accept the 5.x module names
 ``dinov2_with_registers.`` prefix (classification checkpoints; the classifier
 is dropped).
 
-HF always has LayerScale: a model without it is exported with gammas of ones.
+HF always has LayerScale: a model without it is exported with gammas of ones;
+likewise a zero patch-embedding bias for a model without one. QuickGELU is
+``hidden_act='quick_gelu'``; a pre-norm (OpenCLIP-style) tower has no HF form.
 Position embeddings are resampled by size, antialiased for
 ``Dinov2WithRegisters`` and plain bicubic for ``Dinov2Model``; imports take
 that convention from ``model_type``.
@@ -61,6 +63,7 @@ _V5_RENAMES = (('.attention.q_proj.', '.attention.attention.query.'),
 _V5_GATE = re.compile(r'^(encoder\.layer\.\d+\.mlp\.)gate_proj\.(weight|bias)$')
 _ANCHOR = 'embeddings.patch_embeddings.projection.weight'
 _MODEL_TYPES = {'dinov2': 'Dinov2Model', 'dinov2_with_registers': 'Dinov2WithRegistersModel'}
+_ACTS = ('gelu', 'quick_gelu')  # transformers' ACT2FN names = ours
 
 
 def to_hub(tensors: dict) -> dict:
@@ -135,12 +138,12 @@ def config_to_arch(cfg: dict, path: str) -> dict:
         f'{path}: model_type {model_type!r}; expected one of {sorted(_MODEL_TYPES)}')
   registers = model_type == 'dinov2_with_registers'
   swiglu = bool(cfg.get('use_swiglu_ffn', False))
-  required = [('qkv_bias', True), ('num_channels', 3)]
-  if not swiglu:  # HF's SwiGLU ignores hidden_act
-    required.append(('hidden_act', 'gelu'))
-  for key, want in required:
+  for key, want in (('qkv_bias', True), ('num_channels', 3)):
     if cfg.get(key, want) != want:
       raise ConversionError(f'{path}: {key}={cfg[key]!r} is not supported (only {want!r})')
+  act = 'gelu' if swiglu else cfg.get('hidden_act', 'gelu')  # HF's SwiGLU ignores hidden_act
+  if act not in _ACTS:
+    raise ConversionError(f'{path}: hidden_act={act!r} is not supported (only {_ACTS})')
   return dict(
       patch_size=_square(cfg.get('patch_size', 16 if registers else 14), 'patch_size', path),
       embed_dim=cfg.get('hidden_size', 768), depth=cfg.get('num_hidden_layers', 12),
@@ -150,7 +153,8 @@ def config_to_arch(cfg: dict, path: str) -> dict:
       class_token=True, layerscale_init=float(cfg.get('layerscale_value', 1.0)),
       img_size=_square(cfg.get('image_size', 224), 'image_size', path),
       norm_eps=cfg.get('layer_norm_eps', 1e-6),
-      interpolate_antialias=registers, interpolate_offset=0.0)
+      interpolate_antialias=registers, interpolate_offset=0.0,
+      norm_pre=False, patch_bias=True, act=act)
 
 
 def model_config(model) -> dict:
@@ -171,7 +175,7 @@ def model_config(model) -> dict:
       'hidden_size': model.embed_dim, 'num_hidden_layers': model.depth,
       'num_attention_heads': model.num_heads,
       'mlp_ratio': int(ratio) if float(ratio).is_integer() else ratio,
-      'hidden_act': 'gelu', 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
+      'hidden_act': model.act, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
       'initializer_range': 0.02, 'layer_norm_eps': model.norm_eps,
       'image_size': model.img_size, 'patch_size': model.patch_size, 'num_channels': 3,
       'qkv_bias': True,
@@ -223,7 +227,8 @@ def convention(num_registers: int) -> dict:
 
 
 def from_ours(ours: dict, model, like=None) -> dict:
-  return from_hub(dinov2.ours_to_hub(ours), model, like)
+  dinov2.refuse_unless(model, 'HF Dinov2', quick_gelu=True)
+  return from_hub(dinov2.with_patch_bias(dinov2.ours_to_hub(ours)), model, like)
 
 
 def to_ours(tensors: dict, expected: dict) -> dict:

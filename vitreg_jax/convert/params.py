@@ -61,3 +61,38 @@ def expected_shapes(model) -> dict:
   images = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   return flatten(nn.meta.unbox(shapes)['params'])
+
+
+# Two-tower (CLIP) models: the same flat form per tower, under 'visual/' and 'text/'.
+TOWERS = ('visual', 'text')
+
+
+def clip_canonical(variables) -> dict:
+  """Flat unscanned numpy params of a ``models.clip.CLIP``: ``visual/...``, ``text/...``, top."""
+  tree = nn.meta.unbox(variables)
+  tree = tree.get('params', tree)
+  flat = {k: np.asarray(v) for k, v in tree.items() if k not in TOWERS}
+  for tower in TOWERS:
+    flat.update({f'{tower}/{k}': v for k, v in canonical(tree[tower]).items()})
+  return flat
+
+
+def clip_to_variables(flat: dict, model) -> dict:
+  """``{'params': nested}`` for a CLIP model, each tower stacked when it scans its blocks."""
+  tree = {k: v for k, v in flat.items() if '/' not in k}
+  for tower in TOWERS:
+    prefix = f'{tower}/'
+    part = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    tree[tower] = to_variables(part, getattr(model, tower).scan_blocks)['params']
+  return {'params': tree}
+
+
+def clip_expected_shapes(model) -> dict:
+  """Flat unscanned ``{name: ShapeDtypeStruct}`` of a CLIP model's params (nothing allocated)."""
+  model = model.clone(visual=model.visual.clone(scan_blocks=False),
+                      text=model.text.clone(scan_blocks=False))
+  size = model.visual.img_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, model.text.context_length), jnp.int32)
+  shapes = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), images, tokens)
+  return flatten(nn.meta.unbox(shapes)['params'])

@@ -19,6 +19,13 @@ differences are in the token embeddings:
 timm resamples position embeddings by size with antialiased bicubic for every
 model, so imports use that (``interpolate_antialias=True``, offset 0).
 
+CLIP-style towers (timm's ``pre_norm=True``, e.g. ``vit_base_patch16_clip_224``)
+have ``norm_pre`` and no patch-embedding bias, as our ``norm_pre=True,
+patch_bias=False``; a model without a bias and without ``norm_pre`` is
+exported with a zero bias. QuickGELU is ``act_layer='quick_gelu'`` in the
+folder's config. timm's JSON config cannot name a LayerNorm eps: timm builds
+eps 1e-6 (1e-5 models differ slightly; a warning says so).
+
 Export options (``convert.save(model, variables, 'timm:PATH', **options)``):
 
 * ``layout='dinov2'`` (default): ``no_embed_class=True`` for register models and
@@ -206,7 +213,13 @@ def head_tensors(head, model) -> dict:
 
 
 def from_ours(ours: dict, model, like=None, layout: str = 'dinov2', head=None) -> dict:
-  out = from_hub(dinov2.ours_to_hub(ours), model, like, layout)
+  hub = dinov2.ours_to_hub(ours)
+  if model.norm_pre and model.patch_bias:
+    raise ConversionError('timm pre_norm models have no patch-embedding bias; this model has '
+                          'norm_pre and a patch bias')
+  if not model.norm_pre:
+    hub = dinov2.with_patch_bias(hub)
+  out = from_hub(hub, model, like, layout)
   if head is not None:
     out.update(head_tensors(head, model))
   return out
@@ -248,6 +261,13 @@ def model_config(model, tensors: dict, layout: str = 'dinov2', pool: str | None 
       num_heads=model.num_heads, mlp_ratio=ratio, init_values=model.layerscale_init,
       reg_tokens=model.num_registers, no_embed_class=no_embed_class,
       class_token=model.class_token, dynamic_img_size=True, num_classes=num_classes)
+  if model.norm_pre:
+    args['pre_norm'] = True
+  if model.act != 'gelu':
+    args['act_layer'] = model.act
+  if model.norm_eps != 1e-6:
+    logger.warning('timm builds LayerNorm eps 1e-6 from a config; this model uses %g, so its '
+                   'outputs there differ slightly', model.norm_eps)
   if pool == 'mean':
     args.update(global_pool='avg', fc_norm=False)
   # Every field is in model_args: the architecture name only picks timm's entry point (and
