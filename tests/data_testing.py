@@ -8,6 +8,9 @@ def train_pipeline(config, **kwargs):
   kind = config.get('kind', 'multicrop')
   if kind == 'image_text':
     config.augment = {k: v for k, v in config.augment.items() if k in image_text.AUGMENT_DEFAULTS}
-    return pipeline.build_train_pipeline(config, image_text.ImageTextBatches(config), **kwargs)
+    text = config.get('text', {})
+    batches = image_text.ImageTextBatches(config.augment, text.get('context_length', 77),
+                                          text.get('bpe_path'))
+    return pipeline.build_train_pipeline(config, batches, **kwargs)
   config.augment = {k: v for k, v in config.augment.items() if k in multicrop.AUGMENT_DEFAULTS}
   return pipeline.build_train_pipeline(config, multicrop.MultiCropBatches(config), **kwargs)

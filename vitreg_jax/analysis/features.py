@@ -55,8 +55,12 @@ def _sown(tree, name):
 class FeaturePass:
   """``model`` evaluated for ``outputs``; one jit per input shape (see the module docstring)."""
 
-  def __init__(self, model, outputs: Sequence[str], mesh=None, rules: Any = None):
+  def __init__(self, model, outputs: Sequence[str], mesh=None, rules: Any = None,
+               method=None):
+    """``method``: the model's image entry point when ``__call__`` wants more than images
+    (e.g. ``CLIP.encode_image``)."""
     self.model, self.outputs, self.mesh, self.rules = model, tuple(outputs), mesh, rules
+    self._method = {} if method is None else {'method': method}
     self._switches = {SWITCHES[o]: True for o in self.outputs if o in SWITCHES}
     self._internals = [o for o in self.outputs if o in INTERNALS]
     self._jitted = jax.jit(self._forward)
@@ -64,12 +68,12 @@ class FeaturePass:
   def _apply(self, variables, images):
     if self._internals:
       out, sown = self.model.apply(variables, images, mutable=['intermediates'],
-                                   **self._switches)
+                                   **self._switches, **self._method)
       out = dict(out)
       for name in self._internals:
         out[name] = _sown(sown['intermediates'], name)
       return out
-    return self.model.apply(variables, images, **self._switches)
+    return self.model.apply(variables, images, **self._switches, **self._method)
 
   def _forward(self, variables, images):
     if self.mesh is not None:

@@ -13,6 +13,7 @@ from vitreg_jax.config import ConfigError
 REGISTRY = {
     'dinov2': 'vitreg_jax.recipes.dinov2',
     'deit3': 'vitreg_jax.recipes.deit3',
+    'clip': 'vitreg_jax.recipes.clip',
 }
 
 
