@@ -21,7 +21,6 @@ Parameters: ``visual/...`` (a ``VisionTransformer``), ``image_projection``,
 """
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
