@@ -40,7 +40,7 @@ from vitreg_jax.models.build import backbone_from_config, dtype_from_name
 from vitreg_jax.models.clip import CLIP
 from vitreg_jax.models.text import TextTransformer
 from vitreg_jax.parallel import rules as rules_lib
-from vitreg_jax.train import flops, optim, schedules
+from vitreg_jax.train import flops, optim
 from vitreg_jax.train.optim import ParamGroup
 from vitreg_jax.train.recipe import BatchField, Export
 from vitreg_jax.train.state import TrainState, unbox
@@ -114,21 +114,9 @@ class CLIPRecipe:
         'tokens': BatchField((length,), jnp.int32, ('batch', None)),
     }
     o = config.optim
-    config_lib.check_choice(o.optimizer, ('adamw', 'lamb'), 'optim.optimizer')
     self.total_steps = int(o.epochs) * int(o.epoch_length)
-    warmup = int(round(float(o.warmup_epochs) * int(o.epoch_length)))
-    if not 0 <= warmup < self.total_steps:
-      raise config_lib.ConfigError(
-          f'optim.warmup_epochs={o.warmup_epochs} must be below optim.epochs={o.epochs}')
-    self.learning_rate = lambda step: schedules.cosine_schedule(
-        step, o.base_lr, o.min_lr, self.total_steps, warmup_steps=warmup,
-        start_warmup_value=o.warmup_init_lr)
-    self.tx = optim.build_optimizer(optim.OptimizerSpec(
-        groups=clip_groups(bool(self.lit)), learning_rate=self.learning_rate,
-        weight_decay=float(o.weight_decay), kind=o.optimizer, b1=o.b1, b2=o.b2, eps=o.eps,
-        clip_grad=o.clip_grad or None, clip_by=o.clip_by,
-        clip_eps=0.0 if o.optimizer == 'lamb' else optim.CLIP_EPS,
-        layerwise_decay=None if o.layerwise_decay == 1.0 else o.layerwise_decay))
+    self.learning_rate, self.tx = optim.from_config(o, clip_groups(bool(self.lit)),
+                                                    self.total_steps)
 
   # --- state and step --------------------------------------------------------
   def _pretrained_visual(self, like):

@@ -87,6 +87,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitreg_jax import config as config_lib
+from vitreg_jax.train import schedules
+
 
 LAYER_ZERO_PARAMS = ('patch_embed', 'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
 SCANNED_BLOCKS = 'blocks'  # our ViT's nn.scan name: leaves under it have a leading layers axis
@@ -439,3 +442,26 @@ def build_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
     parts.append(scale_by_adam_accurate(spec.b1, spec.b2, spec.eps))
   parts.append(scale_by_table(spec))
   return optax.chain(*parts)
+
+
+def from_config(o, groups: Sequence[ParamGroup],
+                total_steps: int) -> tuple[Schedule, optax.GradientTransformation]:
+  """The shared ``optim.*`` section -> ``(lr schedule, optimizer)`` with ``groups``' table.
+
+  Linear warmup over ``warmup_epochs`` (may be fractional) from ``warmup_init_lr``,
+  then cosine to ``min_lr``, per step; AdamW or LAMB (apex's clip without epsilon).
+  """
+  config_lib.check_choice(o.optimizer, ('adamw', 'lamb'), 'optim.optimizer')
+  warmup = int(round(float(o.warmup_epochs) * int(o.epoch_length)))
+  if not 0 <= warmup < total_steps:
+    raise config_lib.ConfigError(
+        f'optim.warmup_epochs={o.warmup_epochs} must be below optim.epochs={o.epochs}')
+  learning_rate = lambda step: schedules.cosine_schedule(
+      step, o.base_lr, o.min_lr, total_steps, warmup_steps=warmup,
+      start_warmup_value=o.warmup_init_lr)
+  tx = build_optimizer(OptimizerSpec(
+      groups=tuple(groups), learning_rate=learning_rate, weight_decay=float(o.weight_decay),
+      kind=o.optimizer, b1=o.b1, b2=o.b2, eps=o.eps, clip_grad=o.clip_grad or None,
+      clip_by=o.clip_by, clip_eps=0.0 if o.optimizer == 'lamb' else CLIP_EPS,
+      layerwise_decay=None if o.layerwise_decay == 1.0 else o.layerwise_decay))
+  return learning_rate, tx
