@@ -46,3 +46,14 @@ def step_losses(workdir) -> dict[int, float]:
 def metric_records(workdir) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return [json.loads(line) for line in f]
+
+
+def train_then_evaluate(config, workdir, metric):
+  """The README command on ``config``, then ``--mode=eval`` of its checkpoint and of the
+  same network at random init: ``(curve {step: metric}, trained, baseline, records)``."""
+  run_main(f'--workdir={workdir}', config=config)
+  trained = last_json(run_main(f'--workdir={workdir}', '--mode=eval', config=config))
+  baseline = last_json(run_main('--mode=eval', '--eval_random_init', config=config))
+  records = metric_records(workdir)
+  curve = {r['step']: r[metric] for r in records if metric in r}
+  return curve, trained, baseline, records

@@ -26,19 +26,12 @@ LAST_QUARTER_MARGIN_POINTS = 5.0  # every last-quarter eval over them
 KEEPS_POINTS = 3.0                # the last eval within this of the best one
 
 
-def _main(*args):
-  return main_testing.run_main(*args, config='configs/clip_reg.py:smoke')
-
-
 @pytest.mark.slow
 def test_clip_smoke_learns_zero_shot(tmp_path):
   workdir = str(tmp_path)
-  _main(f'--workdir={workdir}')
-  trained = main_testing.last_json(_main(f'--workdir={workdir}', '--mode=eval'))
-  baseline = main_testing.last_json(_main('--mode=eval', '--eval_random_init'))
-  records = main_testing.metric_records(workdir)
+  top1, trained, baseline, records = main_testing.train_then_evaluate(
+      'configs/clip_reg.py:smoke', workdir, 'zeroshot_top1')
   last_step = max(r['step'] for r in records)
-  top1 = {r['step']: r['zeroshot_top1'] for r in records if 'zeroshot_top1' in r}
   scale = [r['logit_scale'] for r in records if 'logit_scale' in r]
 
   floor = max(CHANCE, baseline['zeroshot_top1'])

@@ -29,10 +29,6 @@ LATE_EVAL_MARGIN_POINTS = 8.0  # every second-half eval over chance and random i
 KEEPS_POINTS = 3.0             # the last eval within this of the best one (measured: it is the best)
 
 
-def _main(*args):
-  return main_testing.run_main(*args, config='configs/deit3_reg.py:smoke')
-
-
 def _timm_smoke_model():
   """timm's own DeiT-III class with the smoke preset's architecture."""
   return timm.models.vision_transformer.VisionTransformer(
@@ -44,12 +40,9 @@ def _timm_smoke_model():
 @pytest.mark.slow
 def test_deit3_smoke_learns_and_exports_to_timm(tmp_path):
   workdir = str(tmp_path)
-  _main(f'--workdir={workdir}')
-  trained = main_testing.last_json(_main(f'--workdir={workdir}', '--mode=eval'))
-  baseline = main_testing.last_json(_main('--mode=eval', '--eval_random_init'))
-  records = main_testing.metric_records(workdir)
+  top1, trained, baseline, records = main_testing.train_then_evaluate(
+      'configs/deit3_reg.py:smoke', workdir, 'top1')
   last_step = max(r['step'] for r in records)
-  top1 = {r['step']: r['top1'] for r in records if 'top1' in r}
 
   late = {s: v for s, v in top1.items() if s > last_step / 2}
   assert len(late) >= 2, top1

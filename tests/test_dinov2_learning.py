@@ -30,20 +30,13 @@ ENTROPY_ABOVE_ONE_HOT = 1.0      # nats above 0 (measured: >= 3.2 after warmup)
 LATE_EVAL_MARGIN_POINTS = 3.0    # every eval of the second half over random init (measured: 5.1-5.5)
 
 
-def _main(*args):
-  return main_testing.run_main(*args, config='configs/dinov2_reg.py:smoke')
-
-
 @pytest.mark.slow
 def test_smoke_training_learns_without_collapse(tmp_path):
   workdir = str(tmp_path)
-  _main(f'--workdir={workdir}')
-  trained = main_testing.last_json(_main(f'--workdir={workdir}', '--mode=eval'))
-  baseline = main_testing.last_json(_main('--mode=eval', '--eval_random_init'))
-  records = main_testing.metric_records(workdir)
+  knn, trained, baseline, records = main_testing.train_then_evaluate(
+      'configs/dinov2_reg.py:smoke', workdir, 'knn_top1')
   last_step = max(r['step'] for r in records)
   entropy = {r['step']: r['teacher_entropy'] for r in records if 'teacher_entropy' in r}
-  knn = {r['step']: r['knn_top1'] for r in records if 'knn_top1' in r}
 
   late_entropy = [v for s, v in entropy.items() if s > last_step / 2]
   assert late_entropy, entropy
