@@ -1,13 +1,17 @@
-"""DINOv2 ViT-S/14 reg4 train step on this machine: images/s and MFU.
+"""A recipe's train step on this machine: images/s and MFU.
 
-The full recipe step (student on 2 global 224² + 8 local 98² crops, EMA
-teacher on the global crops, DINO + iBOT heads with 65536 prototypes, KoLeo,
-AdamW, EMA) at a small batch, float32, on the default device. MFU is XLA's
+``--recipe dinov2`` (default): DINOv2 ViT-S/14 reg4, the full recipe step
+(student on 2 global 224² + 8 local 98² crops, EMA teacher on the global
+crops, DINO + iBOT heads with 65536 prototypes, KoLeo, AdamW, EMA).
+``--recipe clip``: the paper's CLIP, ViT-B/16 reg4 image tower + OpenCLIP's
+text tower (12 x 512, context 77), softmax loss over the batch, AdamW.
+Both at a small batch, float32, on the default device. MFU is XLA's
 cost-analysis FLOPs of the compiled step / step time / the measured matmul
 peak of this machine (``vitreg_jax.train.mfu.measure_matmul_peak``), all
 measured in the same run; the analytic model-FLOP count is printed beside it.
 
-  python experiments/benchmarks/train_step.py [--batch 8 --steps 5 --prototypes 65536]
+  python experiments/benchmarks/train_step.py [--recipe dinov2|clip --batch 8 --steps 5
+      --prototypes 65536]
 """
 
 import argparse
@@ -21,12 +25,17 @@ from vitreg_jax import config as config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load_config(batch: int, prototypes: int):
-  config = config_lib.from_file(os.path.join(REPO, 'configs', 'dinov2_reg.py'), 'variant=S/14')
-  config.model.update(dtype='float32', scan_blocks=False, remat_policy='none', drop_path_rate=0.1)
+def load_config(recipe: str, batch: int, prototypes: int):
+  if recipe == 'clip':
+    config = config_lib.from_file(os.path.join(REPO, 'configs', 'clip_reg.py'))
+    config.model.update(dtype='float32', scan_blocks=False, remat_policy='none')
+  else:
+    config = config_lib.from_file(os.path.join(REPO, 'configs', 'dinov2_reg.py'), 'variant=S/14')
+    config.model.update(dtype='float32', scan_blocks=False, remat_policy='none',
+                        drop_path_rate=0.1)
+    config.group_size = batch
+    config.dino.head_n_prototypes = config.ibot.head_n_prototypes = prototypes
   config.data.batch_size = batch
-  config.group_size = batch
-  config.dino.head_n_prototypes = config.ibot.head_n_prototypes = prototypes
   config.mesh.update(data=1, fsdp=1, tensor=1)
   config.sharding.strategy = 'dp'
   return config
@@ -34,6 +43,7 @@ def load_config(batch: int, prototypes: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--recipe', choices=('dinov2', 'clip'), default='dinov2')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--prototypes', type=int, default=65536)
@@ -43,13 +53,20 @@ def main():
   from vitreg_jax import recipes
   from vitreg_jax.train import mfu
 
-  config = load_config(args.batch, args.prototypes)
+  config = load_config(args.recipe, args.batch, args.prototypes)
   sharded = recipes.sharded(config, devices=jax.devices()[:1])
   state = sharded.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   abstract = sharded.recipe.abstract_batch(args.batch)
-  local = {k: (rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32
-               else rng.random(v.shape) < 0.25) for k, v in abstract.items()}
+  def fake(v):  # images, token ids (EOT = the largest id, last), masks
+    if v.dtype == np.float32:
+      return rng.standard_normal(v.shape).astype(np.float32)
+    if v.dtype == np.int32:
+      tokens = rng.integers(1, 49406, v.shape).astype(np.int32)
+      tokens[:, -1] = 49407
+      return tokens
+    return rng.random(v.shape) < 0.25
+  local = {k: fake(v) for k, v in abstract.items()}
   batch = sharded.global_batch(local, args.batch)
   key = jax.random.key(0)
 
@@ -69,8 +86,11 @@ def main():
     times.append(time.perf_counter() - start)
   step_time = float(np.median(times))
   peak = mfu.measure_matmul_peak()
-  print(f'DINOv2 ViT-S/14 reg4, batch {args.batch} (2x224 + 8x98 crops), {args.prototypes} '
-        f'prototypes, float32, jax {jax.__version__} on {jax.default_backend()}')
+  what = (f'CLIP ViT-B/16 reg4 + text 12x512 (context 77), batch {args.batch}'
+          if args.recipe == 'clip' else
+          f'DINOv2 ViT-S/14 reg4, batch {args.batch} (2x224 + 8x98 crops), {args.prototypes} '
+          'prototypes')
+  print(f'{what}, float32, jax {jax.__version__} on {jax.default_backend()}')
   print(f'step time (median of {args.steps}): {step_time:.2f} s  ->  {args.batch / step_time:.2f} img/s')
   print(f'FLOPs/step: XLA cost analysis {xla_flops / 1e9:.1f} GFLOP, analytic model FLOPs '
         f'{analytic / 1e9:.1f} GFLOP')
