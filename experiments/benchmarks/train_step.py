@@ -57,7 +57,7 @@ def main():
   sharded = recipes.sharded(config, devices=jax.devices()[:1])
   state = sharded.init(jax.random.key(0))
   rng = np.random.default_rng(0)
-  abstract = sharded.recipe.abstract_batch(args.batch)
+  abstract = sharded.abstract_batch(args.batch)
   def fake(v):  # images, token ids (EOT = the largest id, last), masks
     if v.dtype == np.float32:
       return rng.standard_normal(v.shape).astype(np.float32)
