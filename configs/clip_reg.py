@@ -81,13 +81,6 @@ def set_loss(c, value: str) -> None:
     c.clip.update(init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
 
 
-def set_registers(c, value: str) -> None:
-  registers = int(value)
-  if not 0 <= registers <= 64:
-    raise config_lib.ConfigError(f'registers={registers}; expected 0..64')
-  c.model.num_registers = registers
-
-
 def set_batch(c, value: str) -> None:
   """The global batch; an epoch stays one pass over the data (epoch_length follows)."""
   batch = int(value)
@@ -138,7 +131,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
 
 PRESETS = {'smoke': apply_smoke}
 KEYS = {
-    'registers': set_registers,
+    'registers': config_lib.set_registers,
     'batch': set_batch,
     'epochs': 'optim.epochs',
     'loss': set_loss,

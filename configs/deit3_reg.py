@@ -97,13 +97,6 @@ def set_schedule(c, value: str) -> None:
   _apply(c, value, c.variant)
 
 
-def set_registers(c, value: str) -> None:
-  registers = int(value)
-  if not 0 <= registers <= 64:
-    raise config_lib.ConfigError(f'registers={registers}; expected 0..64')
-  c.model.num_registers = registers
-
-
 def set_batch(c, value: str) -> None:
   """The global batch; an epoch stays one pass over the data (epoch_length follows)."""
   batch = int(value)
@@ -149,7 +142,7 @@ PRESETS = {'smoke': apply_smoke}
 KEYS = {
     'variant': set_variant,
     'schedule': set_schedule,
-    'registers': set_registers,
+    'registers': config_lib.set_registers,
     'batch': set_batch,
     'epochs': 'optim.epochs',
     'strategy': 'sharding.strategy',

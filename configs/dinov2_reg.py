@@ -106,13 +106,6 @@ def set_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     c.sharding.strategy = 'fsdp'
 
 
-def set_registers(c: ml_collections.ConfigDict, value: str) -> None:
-  registers = int(value)
-  if not 0 <= registers <= 64:
-    raise config_lib.ConfigError(f'registers={registers}; expected 0..64')
-  c.model.num_registers = registers
-
-
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """A 4-block ViT on 32x32 crops of the embedded dataset: minutes on 2 CPU cores."""
   c.model = ml_collections.ConfigDict(dict(
@@ -153,7 +146,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
 PRESETS = {'smoke': apply_smoke}
 KEYS = {
     'variant': set_variant,
-    'registers': set_registers,
+    'registers': config_lib.set_registers,
     'batch': 'data.batch_size',
     'group': 'group_size',
     'epochs': 'optim.epochs',

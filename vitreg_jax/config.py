@@ -106,6 +106,14 @@ def from_file(path: str | os.PathLike, arg: str | None = None, **kwargs) -> ml_c
   return module.get_config(arg, **kwargs)
 
 
+def set_registers(c: ml_collections.ConfigDict, value: str) -> None:
+  """The ``registers=N`` key of every config file: ``model.num_registers`` (0..64)."""
+  registers = int(value)
+  if not 0 <= registers <= 64:
+    raise ConfigError(f'registers={registers}; expected 0..64')
+  c.model.num_registers = registers
+
+
 def check_keys(given: Mapping[str, Any], valid: Sequence[str] | Mapping[str, Any],
                where: str) -> None:
   """Fails with one line if ``given`` has a key outside ``valid``."""
