@@ -89,10 +89,14 @@ class ZeroShotEvaluator:
         variables, tokens, method=encode_text), static_argnums=0)
     self._passes = {}
 
+  @functools.cached_property
+  def _prompt_tokens(self) -> np.ndarray:
+    """Every class in every template, tokenised once (80k prompts for ImageNet)."""
+    return self.tokenizer.tokenize([t.format(n) for n in self.names for t in self.prompts])
+
   def text_classifier(self, model, variables) -> np.ndarray:
     """``[classes, E]``: each class's prompt embeddings averaged, then renormalised."""
-    prompts = [t.format(name) for name in self.names for t in self.prompts]
-    tokens = self.tokenizer.tokenize(prompts)
+    tokens = self._prompt_tokens
     chunks = []
     for start in range(0, len(tokens), PROMPT_BATCH):
       chunk = tokens[start:start + PROMPT_BATCH]

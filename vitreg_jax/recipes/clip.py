@@ -23,6 +23,7 @@ Config keys: ``model.*`` (image tower), ``text.*`` (text tower, tokenizer),
 ``augment.*``, ``zeroshot.*`` (``configs/clip_reg.py``).
 """
 
+import functools
 import math
 
 import jax
@@ -119,12 +120,17 @@ class CLIPRecipe:
                                                     self.total_steps)
 
   # --- state and step --------------------------------------------------------
+  @functools.cached_property
+  def _lit_params(self):
+    """The LiT tower's params as host arrays, read once (init runs abstractly, then for real)."""
+    from vitreg_jax import convert  # pylint: disable=import-outside-toplevel
+    _, variables = convert.load(self.lit, scan_blocks=self.visual.scan_blocks)
+    return jax.tree.map(np.asarray, unbox(variables['params']))
+
   def _pretrained_visual(self, like):
     """LiT's image tower from ``clip.lit``, read on the host and handed to the traced init
     by a callback (no weights baked into the program)."""
-    from vitreg_jax import convert  # pylint: disable=import-outside-toplevel
-    _, variables = convert.load(self.lit, scan_blocks=self.visual.scan_blocks)
-    loaded = jax.tree.map(np.asarray, unbox(variables['params']))
+    loaded = self._lit_params
     wanted = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unbox(like))
     got = dict(jax.tree_util.tree_leaves_with_path(loaded))
     need = dict(jax.tree_util.tree_leaves_with_path(wanted))
