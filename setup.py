@@ -18,6 +18,8 @@ CORE = [
     'tensorboardX',
     'ftfy',
     'regex',
+    'matplotlib',  # the analyses' figures
+    'scipy',       # LOST's connected components
 ]
 # torch 2.13 breaks timm here; 2.14.1 / 0.29.1 are the tested pair.
 TORCH = [
@@ -31,7 +33,7 @@ TORCH = [
 # (--mode=plan --plan.topology=v5e:16x16). jax's own extra pins the libtpu built
 # for that jax (jax 0.10.2: libtpu 0.0.42.*), so newer jax keeps working.
 TPU = ['jax[tpu]>=0.10']
-TEST = TORCH + TPU + ['pytest>=8', 'scipy']
+TEST = TORCH + TPU + ['pytest>=8']
 
 setup(
     name='vitreg_jax',
@@ -42,8 +44,9 @@ setup(
     python_requires='>=3.11',
     packages=find_packages(include=['vitreg_jax', 'vitreg_jax.*']),
     package_data={'vitreg_jax.data': ['bpe_simple_vocab_16e6.txt.gz'],
-                  'vitreg_jax.evals': ['data/*.json']},
+                  'vitreg_jax.evals': ['data/*.json'],
+                  'vitreg_jax.analysis': ['data/*.txt.gz']},
     install_requires=CORE,
     extras_require={'torch': TORCH, 'tpu': TPU, 'test': TEST,
-                    'notebooks': ['jupyter', 'nbclient', 'nbformat', 'matplotlib']},
+                    'notebooks': ['jupyter', 'nbclient', 'nbformat']},
 )

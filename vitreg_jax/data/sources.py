@@ -9,6 +9,8 @@ in one convention, so the transforms never know where data came from:
               :mod:`vitreg_jax.data.decode`, where failures are caught and counted)
   label       int class id, -1 when the source has none
   boxes       float32 [n, 4] (x0, y0, x1, y1) normalised to [0, 1]; [0, 4] if none
+  box_crowd   bool [n], where the dataset marks crowd boxes (tfds coco)
+  filename    str, where the dataset has one (tfds ``image/filename``)
   caption     str, or a list of str (one is picked per sample); '' if none
   index       int position in the source
 
@@ -214,6 +216,8 @@ class TfdsSource:
     features = self._source.dataset_info.features
     self._has_label = 'label' in features
     self._box_key = 'objects/bbox' if 'objects' in features and 'bbox' in features['objects'] else None
+    self._crowd_key = 'objects/is_crowd' if self._box_key and 'is_crowd' in features['objects'] else None
+    self._filename_key = 'image/filename' if 'image/filename' in features else None
     self._caption_key = 'captions/text' if 'captions' in features else (
         'caption' if 'caption' in features else None)
     self.num_classes = features['label'].num_classes if self._has_label else 0
@@ -230,6 +234,11 @@ class TfdsSource:
     if self._box_key:
       yxyx = np.asarray(_get(example, self._box_key), np.float32).reshape(-1, 4)
       record['boxes'] = yxyx[:, [1, 0, 3, 2]]
+    if self._crowd_key:
+      record['box_crowd'] = np.asarray(_get(example, self._crowd_key), bool).reshape(-1)
+    if self._filename_key:
+      name = _get(example, self._filename_key)
+      record['filename'] = name.decode('utf-8') if isinstance(name, bytes) else str(name)
     if self._caption_key:
       captions = _get(example, self._caption_key)
       captions = [captions] if isinstance(captions, (str, bytes)) else list(captions)

@@ -15,16 +15,14 @@ class ClassificationEvaluator:
 
   def __init__(self, config, select, every: int):
     self.config, self.select, self.every = config, select, every
-    self._passes = {}
+    self._passes = features_lib.PassCache()
 
   def run(self, state, mesh, rules) -> dict[str, float]:
     model, variables = self.select(state)
-    key = (id(model), id(mesh))
-    if key not in self._passes:
-      self._passes[key] = features_lib.FeaturePass(model, ('logits',), mesh, rules)
+    features = self._passes.get(model, ('logits',), mesh, rules)
     batches = pipeline.build_eval_pipeline(self.config, split=self.config.data.eval_split,
                                            mesh=mesh)
-    out = self._passes[key].over(variables, batches, self.config.eval.max_eval_examples)
+    out = features.over(variables, batches, self.config.eval.max_eval_examples)
     logits, labels = out['logits'].astype(np.float64), out['label']
     if labels.max() >= logits.shape[1]:
       raise ValueError(f'label {labels.max()} in {self.config.data.eval_split!r} but the '

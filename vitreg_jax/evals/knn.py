@@ -19,17 +19,11 @@ class KnnEvaluator:
 
   def __init__(self, config, select, every: int):
     self.config, self.select, self.every = config, select, every
-    self._passes = {}
-
-  def _pass(self, model, mesh, rules):
-    key = (id(model), id(mesh))
-    if key not in self._passes:
-      self._passes[key] = features_lib.FeaturePass(model, ('cls', 'patch_norms'), mesh, rules)
-    return self._passes[key]
+    self._passes = features_lib.PassCache()
 
   def run(self, state, mesh, rules) -> dict[str, float]:
     model, variables = self.select(state)
-    features = self._pass(model, mesh, rules)
+    features = self._passes.get(model, ('cls', 'patch_norms'), mesh, rules)
     ev = self.config.eval
     split = lambda name: pipeline.build_eval_pipeline(self.config, split=name, mesh=mesh)
     bank = features.over(variables, split(ev.train_split), ev.max_train_examples)

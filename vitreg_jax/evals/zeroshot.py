@@ -87,7 +87,7 @@ class ZeroShotEvaluator:
     self.encode_image = encode_image
     self._encode_text = jax.jit(lambda model, variables, tokens: model.apply(
         variables, tokens, method=encode_text), static_argnums=0)
-    self._passes = {}
+    self._passes = features_lib.PassCache()
 
   @functools.cached_property
   def _prompt_tokens(self) -> np.ndarray:
@@ -112,14 +112,11 @@ class ZeroShotEvaluator:
 
   def run(self, state, mesh, rules) -> dict[str, float]:
     model, variables = self.select(state)
-    key = (id(model), id(mesh))
-    if key not in self._passes:
-      self._passes[key] = features_lib.FeaturePass(model, ('embeds',), mesh, rules,
-                                                   method=self.encode_image)
+    features = self._passes.get(model, ('embeds',), mesh, rules, method=self.encode_image)
     classifier = self.text_classifier(model, variables)
     batches = pipeline.build_eval_pipeline(self.config, split=self.config.data.eval_split,
                                            mesh=mesh)
-    out = self._passes[key].over(variables, batches, self.config.eval.max_eval_examples)
+    out = features.over(variables, batches, self.config.eval.max_eval_examples)
     labels = out['label']
     if labels.max() >= len(self.names):
       raise ValueError(f'label {labels.max()} in {self.config.data.eval_split!r} but only '
