@@ -19,8 +19,10 @@ def parse_args(argv):
   p = cli.parser(__doc__.split('\n\n')[0])
   p.add_argument('--train-split', default='train', help='the bank of labelled neighbours')
   p.add_argument('--max-train-images', type=int, default=0, help='0: the whole train split')
-  p.add_argument('--ks', type=int, nargs='+', default=[10, 20, 100, 200])
-  p.add_argument('--temperature', type=float, default=0.07)
+  p.add_argument('--ks', type=int, nargs='+', default=[10, 20, 100, 200],
+                 help='numbers of neighbours voting')
+  p.add_argument('--temperature', type=float, default=0.07,
+                 help='vote weight exp(cosine / T)')
   return p.parse_args(argv)
 
 

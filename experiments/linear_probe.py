@@ -22,9 +22,10 @@ def parse_args(argv):
   p = cli.parser(__doc__.split('\n\n')[0])
   p.add_argument('--train-split', default='train', help='split the classifiers train on')
   p.add_argument('--max-train-images', type=int, default=0, help='0: the whole train split')
-  p.add_argument('--epochs', type=int, default=10)
+  p.add_argument('--epochs', type=int, default=10, help='passes over the train features')
   p.add_argument('--probe-batch', type=int, default=256, help='classifier minibatch')
-  p.add_argument('--lrs', type=float, nargs='+', default=list(probes.LR_GRID))
+  p.add_argument('--lrs', type=float, nargs='+', default=list(probes.LR_GRID),
+                 help='learning-rate grid, one classifier each (DINOv2: 13 values 1e-5..0.1)')
   p.add_argument('--n-last', type=int, nargs='+', default=[1, 4], help='cls of the last n blocks')
   return p.parse_args(argv)
 

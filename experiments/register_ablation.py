@@ -35,7 +35,8 @@ def parse_args(argv):
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument('--models', nargs='+', required=True, metavar='FORMAT:PATH',
                  help='checkpoints (any format the analyses read, e.g. workdir:PATH)')
-  p.add_argument('--analyses', nargs='+', choices=ANALYSES, default=list(ANALYSES))
+  p.add_argument('--analyses', nargs='+', choices=ANALYSES, default=list(ANALYSES),
+                 help='which analyses to run on each model')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('shared', nargs=argparse.REMAINDER,
                  help='after --: options passed to every analysis')

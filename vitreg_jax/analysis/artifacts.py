@@ -8,7 +8,8 @@ besides a given one this module finds it at the valley of the distribution:
 ``valley_cutoff`` histograms ``log(norm)`` (outliers are ~10x the normal norm,
 a constant gap on a log scale whatever the model's width), smooths it, and
 takes the lowest point between the main mode and the most prominent mode
-*above* it. A distribution without such a second mode has no cutoff (None):
+*above* it holding at least 0.5% of the tokens. A distribution without such
+a second mode has no cutoff (None):
 no outliers, which is what registers should give.
 
 Everything here is NumPy over the host arrays of the feature pass.
@@ -19,6 +20,7 @@ import numpy as np
 BINS = 128
 SMOOTH_BINS = 2.0       # Gaussian smoothing of the log-norm histogram, in bins
 MIN_PROMINENCE = 0.5    # the valley must be below half the second mode's height
+MIN_MASS = 0.005        # ... and the second mode hold >= 0.5% of the tokens (not a noisy tail)
 PERCENTILES = (1, 25, 50, 75, 99)
 
 
@@ -31,7 +33,8 @@ def _smoothed_histogram(values: np.ndarray, bins: int, sigma: float):
 
 
 def valley_cutoff(norms, *, bins: int = BINS, smooth_bins: float = SMOOTH_BINS,
-                  min_prominence: float = MIN_PROMINENCE) -> float | None:
+                  min_prominence: float = MIN_PROMINENCE,
+                  min_mass: float = MIN_MASS) -> float | None:
   """The norm at the valley between the main mode and a high-norm mode, or None if unimodal."""
   values = np.log(np.maximum(np.asarray(norms, np.float64).ravel(), 1e-12))
   if values.size < 2 or values.max() - values.min() < 1e-9:
@@ -49,11 +52,11 @@ def valley_cutoff(norms, *, bins: int = BINS, smooth_bins: float = SMOOTH_BINS,
     valley = float(between.min())
     if valley > min_prominence * smooth[peak]:
       continue
+    lowest = np.flatnonzero(between == valley)  # a flat (empty) gap: its middle
+    split = main + int(round(0.5 * (lowest[0] + lowest[-1])))
     prominence = smooth[peak] - valley
-    if prominence > best_prominence:
-      lowest = np.flatnonzero(between == valley)  # a flat (empty) gap: its middle
-      best = main + int(round(0.5 * (lowest[0] + lowest[-1])))
-      best_prominence = prominence
+    if prominence > best_prominence and (values > edges[split + 1]).mean() >= min_mass:
+      best, best_prominence = split, prominence
   return None if best is None else float(np.exp(centres[best]))
 
 

@@ -21,7 +21,8 @@ reference raises; it cannot happen with raw features because
 ``bias``) the box is the seed patch alone and ``fallback`` is set.
 
 CorLoc: the percentage of images whose box has IoU >= 0.5 with *any*
-ground-truth box; IoU without the ``+1`` pixel convention, eps 1e-7.
+ground-truth box; IoU without the ``+1`` pixel convention, eps 1e-7 in the
+denominator (so an IoU of exactly 0.5 falls just short and misses, as in LOST).
 """
 
 import dataclasses
