@@ -1,6 +1,8 @@
 """LOST on constructed features (boxes known by construction), IoU/CorLoc by hand, the
 datasets' box conventions and the COCO20k list."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,29 @@ def test_pixel_features_find_the_embedded_objects():
     hits.append(lost.correct(result.box, gt))
     whole.append(lost.correct([0, 0, 48, 48], gt))
   assert np.mean(hits) >= 0.30 and not any(whole)
+
+
+def test_lost_cli_reads_voc_through_tfds_with_its_box_convention(tmp_path):
+  """tfds ``voc/2007`` (mock data: random sizes and boxes) through ``--dataset voc07``: the
+  ground truth is the record's normalised boxes x size, x/y-swapped from tfds' yxyx, rounded,
+  minus 1 on xmin/ymin; one compile per padded size."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import analysis_testing  # pylint: disable=import-outside-toplevel
+  from vitreg_jax.data import sources  # pylint: disable=import-outside-toplevel
+  checkpoint = analysis_testing.timm_checkpoint(str(tmp_path))
+  with tfds.testing.mock_data(num_examples=3):
+    analysis_testing.experiment('lost').main([
+        '--model', checkpoint, '--dataset', 'voc07', '--tfds-image-decoding', 'tfds',
+        '--out', str(tmp_path / 'out'), '--figures', '1'])
+    source = sources.TfdsSource('voc/2007', 'train+validation', image_decoding='tfds')
+    records = [source[i] for i in range(len(source))]
+  result = json.loads((tmp_path / 'out' / 'lost.json').read_text())
+  assert result['box_convention'] == 'voc' and result['settings'][0]['images'] == len(records)
+  sizes = set()
+  for image, record in zip(result['per_image'], records):
+    h, w = record['image'].shape[:2]
+    expected = np.round(record['boxes'] * [w, h, w, h]) - [1, 1, 0, 0]
+    np.testing.assert_allclose(image['gt'], expected)
+    sizes.add((-(-h // P), -(-w // P)))
+    assert 0 <= image['box'][0] < image['box'][2] <= w and 0 <= image['box'][1] < image['box'][3] <= h
+  assert result['compilations'] == len(sizes)

@@ -64,6 +64,9 @@ def parser(description: str, native: bool = False) -> argparse.ArgumentParser:
   d.add_argument('--split', default='val', help="split ('train', 'val', tfds splits such as "
                  "'train+validation')")
   d.add_argument('--data-dir', default=None, help='tfds data dir (default $TFDS_DATA_DIR)')
+  d.add_argument('--tfds-image-decoding', choices=('ours', 'tfds'), default='ours',
+                 help='ours: robust decoding of the stored bytes; tfds: let tfds decode '
+                      '(needed under tfds.testing.mock_data)')
   d.add_argument('--embedded', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
                  help='embedded dataset field, e.g. image_size=48 num_classes=6')
   d.add_argument('--max-images', type=int, default=0, help='stop after this many (0: all)')
@@ -112,7 +115,8 @@ def data_config(args, batch_size: int, patch_size: int) -> ml_collections.Config
   kind, _, name = args.data.partition(':')
   data = dict(source=kind, name='', path='', split=args.split, eval_split=args.split,
               data_dir=args.data_dir, batch_size=batch_size, eval_batch_size=batch_size,
-              num_workers=0, embedded=dict(args.embedded))
+              num_workers=0, embedded=dict(args.embedded),
+              tfds_image_decoding=args.tfds_image_decoding)
   if kind == 'tfds':
     data['name'] = name
   elif kind == 'folder':
