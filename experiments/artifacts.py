@@ -41,8 +41,8 @@ def analyse(model, variables, args) -> dict:
     for name, value in host.items():
       parts.setdefault(name, []).append(value)
   arrays = {n: np.concatenate(v, axis=1 if n == 'layer_norms' else 0) for n, v in parts.items()}
-  prefix, regs = model.num_prefix_tokens, model.num_registers
-  prenorm_patches = arrays['prenorm_norms'][:, prefix:]
+  where, regs = model.token_slices(), model.num_registers
+  prenorm_patches = arrays['prenorm_norms'][:, where['patches']]
   grid = (args.size // model.patch_size,) * 2
   if args.factor:
     cutoff_per_image = args.factor * np.median(prenorm_patches, axis=1, keepdims=True)
@@ -58,15 +58,19 @@ def analyse(model, variables, args) -> dict:
   stats['cutoff_kind'] = how
   stats['norms'] = artifacts.distribution(prenorm_patches)
   return {
-      'model': args.model, 'random_init': args.random_init, 'images': len(prenorm_patches),
+      'model': args.model, 'random_init': args.random_init, 'tt_registers': args.tt_registers,
+      'images': len(prenorm_patches),
       'grid': grid, 'num_registers': regs,
       'before_final_norm': stats,
       'after_final_norm': {'cutoff': artifacts.valley_cutoff(arrays['patch_norms']),
                            'norms': artifacts.distribution(arrays['patch_norms'])},
       'registers': artifacts.register_statistics(
-          arrays['prenorm_norms'][:, prefix - regs:prefix], prenorm_patches,
+          arrays['prenorm_norms'][:, where['registers']], prenorm_patches,
           None if args.factor else cutoff),
-      'per_layer': artifacts.per_layer(arrays['layer_norms'], prefix, regs),
+      'test_time_registers': artifacts.register_statistics(
+          arrays['prenorm_norms'][:, where['test_time_registers']], prenorm_patches,
+          None if args.factor else cutoff),
+      'per_layer': artifacts.per_layer(arrays['layer_norms'], where),
   }, arrays
 
 
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
       None if args.factor else before['cutoff'], title=args.model)
   figures.layer_norms(f'{args.out}/layer_norms.png', results['per_layer'], title=args.model)
   cli.write_json(args.out, 'artifacts.json', results)
-  row = {'model': args.model + (' (random init)' if args.random_init else ''),
+  row = {'model': args.model + (' (random init)' if args.random_init else '')
+         + (f' + test-time registers {args.tt_registers}' if args.tt_registers else ''),
          'registers': model.num_registers, 'cutoff': before['cutoff'],
          'outlier %': 100 * before['outlier_fraction'],
          'on border %': _pct(before.get('outliers_on_border')),

@@ -9,6 +9,7 @@ a user's downloaded file.
 import importlib.util
 import os
 
+import numpy as np
 import safetensors.torch
 
 import convert_testing
@@ -36,3 +37,20 @@ def timm_checkpoint(directory: str, registers: int = 4) -> str:
   path = os.path.join(directory, f'timm_reg{registers}.safetensors')
   safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
   return f'timm:{path}'
+
+
+# Planted patches: mid-grey images (channel 0 normalises to ~0) with these raster indices of a
+# 4 x 4 grid of 8-px patches bright in channel 0 (normalised ~2.25).
+PATCH, GRID = 8, 4
+PLANTED = [0, 3, 5, 12]  # 0, 3, 12 on the border, 5 inside
+MID_GREY = round(0.485 * 255)
+
+
+def planted_images(count, rng):
+  """uint8 images [count, 32, 32, 3]: grey plus 0-2 noise, PLANTED patches bright in channel 0."""
+  images = np.full((count, PATCH * GRID, PATCH * GRID, 3), MID_GREY, np.uint8)
+  images += rng.integers(0, 3, images.shape, dtype=np.uint8)
+  for index in PLANTED:
+    r, c = divmod(index, GRID)
+    images[:, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH, 0] = 255
+  return images

@@ -25,7 +25,8 @@ def checkpoints(tmp_path_factory):
 
 
 def test_attention_rows_sum_to_one_and_maps_have_the_grid_shape(checkpoints):
-  args = argparse.Namespace(model=checkpoints[4], arch=None, override=[], random_init=False)
+  args = argparse.Namespace(model=checkpoints[4], arch=None, override=[], random_init=False,
+                            tt_registers=None)
   model, variables = cli.load_model(args)
   images = np.random.default_rng(0).normal(size=(2, 48, 48, 3)).astype(np.float32)
   out = FeaturePass(model, ('attention', 'prefix_attention'))(variables, images)

@@ -16,9 +16,8 @@ from vitreg_jax.models.vit import VisionTransformer
 
 import analysis_testing
 
-PATCH, GRID = 8, 4
-PLANTED = [0, 3, 5, 12]  # raster indices on a 4 x 4 grid: 0, 3, 12 on the border, 5 inside
-MID_GREY = round(0.485 * 255)  # channel 0 normalises to ~0 (ImageNet mean)
+PATCH, GRID, PLANTED = analysis_testing.PATCH, analysis_testing.GRID, analysis_testing.PLANTED
+planted_images = analysis_testing.planted_images
 
 
 def planted_model():
@@ -33,16 +32,6 @@ def planted_model():
   params['patch_embed']['proj']['kernel'] = kernel
   params['patch_embed']['proj']['bias'][:] = 0.0
   return model, {'params': params}
-
-
-def planted_images(count, rng):
-  """Mid-grey images with small noise; the PLANTED patches bright in channel 0."""
-  images = np.full((count, PATCH * GRID, PATCH * GRID, 3), MID_GREY, np.uint8)
-  images += rng.integers(0, 3, images.shape, dtype=np.uint8)
-  for index in PLANTED:
-    r, c = divmod(index, GRID)
-    images[:, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH, 0] = 255
-  return images
 
 
 def test_planted_outliers_are_found_exactly():

@@ -139,18 +139,21 @@ def patch_statistics(patch_norms, cutoff: float | None, grid, boxes=None,
   return stats
 
 
-def per_layer(layer_norms, num_prefix: int, num_registers: int) -> list[dict]:
+def per_layer(layer_norms, where: dict) -> list[dict]:
   """Fig. 4a: for each block, the patch-norm distribution, its own valley cutoff and outliers,
-  and the registers' norms. ``layer_norms [L, n_images, T]`` (before the final norm)."""
+  and the (test-time) registers' norms. ``layer_norms [L, n_images, T]`` (before the final
+  norm); ``where``: the model's ``token_slices()``."""
   rows = []
   for depth, norms in enumerate(np.asarray(layer_norms)):
-    patches = norms[:, num_prefix:]
+    patches = norms[:, where['patches']]
     cutoff = valley_cutoff(patches)
-    rows.append({'layer': depth + 1, 'cutoff': cutoff,
-                 'outlier_fraction': float(outlier_mask(patches, cutoff).mean()),
-                 'patch_norms': distribution(patches),
-                 'register_norms': distribution(
-                     norms[:, num_prefix - num_registers:num_prefix])})
+    row = {'layer': depth + 1, 'cutoff': cutoff,
+           'outlier_fraction': float(outlier_mask(patches, cutoff).mean()),
+           'patch_norms': distribution(patches),
+           'register_norms': distribution(norms[:, where['registers']])}
+    if where['test_time_registers'].stop > where['test_time_registers'].start:
+      row['test_time_register_norms'] = distribution(norms[:, where['test_time_registers']])
+    rows.append(row)
   return rows
 
 

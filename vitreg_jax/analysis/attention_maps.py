@@ -1,7 +1,7 @@
 """Attention maps of CLS and registers over the patch grid (paper Fig. 1, 9).
 
 The feature pass's ``prefix_attention [B, H, P, N]`` (last block, rows of the
-``P = cls + registers`` tokens, columns of the ``N`` patches) reshaped to
+``P = cls + registers (+ test-time registers)`` tokens, columns of the ``N`` patches) reshaped to
 maps ``[B, P, H, gh, gw]``. A row of the full attention sums to one over all
 tokens; the patch columns of a register row sum to what the register does
 not give to cls and registers.
@@ -11,8 +11,9 @@ import numpy as np
 
 
 def token_names(model) -> list[str]:
-  """``['cls', 'reg0', ...]`` in token order."""
-  return (['cls'] if model.class_token else []) + [f'reg{i}' for i in range(model.num_registers)]
+  """``['cls', 'reg0', ..., 'tt0', ...]`` in token order (``tt``: test-time registers)."""
+  return ((['cls'] if model.class_token else []) + [f'reg{i}' for i in range(model.num_registers)]
+          + [f'tt{i}' for i in range(model.num_test_time_registers)])
 
 
 def maps(prefix_attention, grid: tuple[int, int]) -> np.ndarray:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from vitreg_jax import convert
 from vitreg_jax.data import pipeline, sources, transforms
+from vitreg_jax.models import test_time_registers
 from vitreg_jax.models.vit import VisionTransformer
 from vitreg_jax.parallel import mesh as mesh_lib
 from vitreg_jax.parallel import rules as rules_lib
@@ -53,6 +54,9 @@ def parser(description: str, native: bool = False) -> argparse.ArgumentParser:
                  'vitl14_reg; for open_clip an OpenCLIP model name); else inferred from shapes')
   m.add_argument('--override', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
                  help='a VisionTransformer field, e.g. attention_impl=xla')
+  m.add_argument('--tt-registers', metavar='FILE|NAME',
+                 help='test-time registers: a neuron list from experiments/test_time_registers.py '
+                      f'find, or a shipped one ({", ".join(test_time_registers.SHIPPED)})')
   m.add_argument('--random-init', action='store_true',
                  help='same architecture, fresh random weights (the untrained baseline)')
   m.add_argument('--seed', type=int, default=0, help='seed of --random-init and of sampling')
@@ -96,7 +100,8 @@ def load_model(args):
           f'{spec}: no exported backbone at {export}; run python -m vitreg_jax.main '
           f'--mode=export --workdir={path}')
     spec = f'vitreg:{export}'
-  model, variables = convert.load(spec, arch=args.arch, **dict(args.override))
+  model, variables = convert.load(spec, arch=args.arch, tt_registers=args.tt_registers,
+                                  **dict(args.override))
   if args.random_init:
     variables = random_variables(model, args.seed)
   return model, variables

@@ -38,6 +38,7 @@ import numpy as np
 from vitreg_jax.convert import arch as arch_lib
 from vitreg_jax.convert import checks, dinov2, hf, open_clip, open_clip_config, params, timm, vitreg
 from vitreg_jax.convert.checks import ConversionError
+from vitreg_jax.models import test_time_registers
 from vitreg_jax.models.clip import CLIP
 from vitreg_jax.models.text import TextTransformer
 from vitreg_jax.models.vit import VisionTransformer
@@ -92,8 +93,13 @@ def _architecture(fmt, tensors, carried, arch, overrides, spec) -> tuple[dict, d
   return kw, suggested
 
 
-def load(spec: str, arch: str | None = None, **overrides):
+def load(spec: str, arch: str | None = None, tt_registers: str | dict | None = None,
+         **overrides):
   """``(model, variables)`` from ``'FORMAT:PATH'``.
+
+  ``tt_registers``: test-time registers for a model trained without them (a
+  neuron-list JSON file, a shipped name such as ``'dinov2_vitl14'``, or its
+  dict; see :mod:`vitreg_jax.models.test_time_registers`).
 
   ``arch`` (e.g. ``'vitl14_reg'``) names the architecture where the format does
   not carry one; otherwise it is inferred from the shapes. From ``open_clip``
@@ -102,6 +108,9 @@ def load(spec: str, arch: str | None = None, **overrides):
   non-standard width, or runtime choices such as ``scan_blocks=True``,
   ``dtype=jnp.bfloat16``.
   """
+  if tt_registers is not None:
+    model, variables = load(spec, arch, **overrides)
+    return test_time_registers.apply(model, tt_registers), variables
   fmt, path = parse_spec(spec)
   if fmt is open_clip:  # the image tower of the two
     clip, variables = load_clip(spec, arch, **overrides)

@@ -6,6 +6,7 @@ the head and q/k/v axes explicit (``qkv`` kernel ``[D, 3, H, hd]``) so tensor
 parallelism can shard heads without splitting q, k and v across devices.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -112,11 +113,56 @@ class Attention(nn.Module):
     return out, probs
 
 
+NEURON_EDIT_MODES = ('zero', 'mean')
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronEdit:
+  """Test-time registers' edit of one layer's MLP hidden activations (Jiang et al. 2025).
+
+  Token layout ``[keep (cls + trained registers), test-time tokens, patches]``:
+  per image, ``s`` = the signed maximum (largest ``|value|``, sign kept) over
+  *all* tokens x the selected ``neurons`` jointly; the test-time tokens' selected
+  activations become ``scale * s``; the patches' become 0 (``'zero'``) or their
+  mean over the patches (``'mean'``); cls and trained registers are untouched.
+  """
+  neurons: tuple[int, ...]
+  keep: int          # leading tokens never edited (cls + trained registers)
+  num_tokens: int    # test-time tokens right after them
+  scale: float = 1.0
+  mode: str = 'zero'
+
+  def __call__(self, hidden):
+    """``hidden [B, T, hidden_dim]`` -> edited."""
+    idx = jnp.asarray(self.neurons)
+    selected = hidden[..., idx]                                   # [B, T, k]
+    flat = selected.reshape(selected.shape[0], -1)
+    s = jnp.take_along_axis(flat, jnp.abs(flat).argmax(-1)[:, None], axis=-1)  # [B, 1]
+    start, patches = self.keep, self.keep + self.num_tokens
+    tt = jnp.broadcast_to((self.scale * s)[:, None, :].astype(hidden.dtype),
+                          (hidden.shape[0], self.num_tokens, len(self.neurons)))
+    if self.mode == 'zero':
+      rest = jnp.zeros_like(selected[:, patches:])
+    else:
+      rest = jnp.broadcast_to(selected[:, patches:].mean(axis=1, keepdims=True),
+                              selected[:, patches:].shape)
+    edited = jnp.concatenate([selected[:, :start], tt, rest], axis=1)
+    return jnp.asarray(hidden).at[..., idx].set(edited)
+
+
+def _edit_hidden(module: nn.Module, hidden, edit: NeuronEdit | None):
+  """Sows the hidden activations (register-neuron search), then applies ``edit``."""
+  module.sow('intermediates', 'hidden', hidden)
+  return hidden if edit is None else edit(hidden)
+
+
 class Mlp(nn.Module):
-  """``fc2(act(fc1(x)))``; ``act`` names an entry of ``ACTIVATIONS``."""
+  """``fc2(act(fc1(x)))``; ``act`` names an entry of ``ACTIVATIONS``; ``edit`` a test-time
+  register edit of the activations (``None``: none)."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
   act: str = 'gelu'
+  edit: NeuronEdit | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -124,7 +170,7 @@ class Mlp(nn.Module):
     x = nn.Dense(self.hidden_dim, dtype=self.dtype,
                  kernel_init=logical(LINEAR_INIT, 'embed', 'mlp'),
                  bias_init=logical(nn.initializers.zeros, 'mlp'), name='fc1')(x)
-    x = ACTIVATIONS[self.act](x)
+    x = _edit_hidden(self, ACTIVATIONS[self.act](x), self.edit)
     return nn.Dense(dim, dtype=self.dtype,
                     kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),
                     bias_init=logical(nn.initializers.zeros, 'embed'), name='fc2')(x)
@@ -134,13 +180,14 @@ class SwiGLU(nn.Module):
   """DINOv2's fused SwiGLU: ``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x)``."""
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  edit: NeuronEdit | None = None
 
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
     x12 = DenseND((2, self.hidden_dim), ('embed', None, 'mlp'), (None, 'mlp'),
                   dtype=self.dtype, name='w12')(x)
-    hidden = nn.silu(x12[..., 0, :]) * x12[..., 1, :]
+    hidden = _edit_hidden(self, nn.silu(x12[..., 0, :]) * x12[..., 1, :], self.edit)
     return nn.Dense(dim, dtype=self.dtype,
                     kernel_init=logical(LINEAR_INIT, 'mlp', 'embed'),
                     bias_init=logical(nn.initializers.zeros, 'embed'), name='w3')(hidden)
@@ -238,6 +285,7 @@ class Block(nn.Module):
   attention_impl: str = 'auto'
   act: str = 'gelu'
   causal: bool = False
+  neuron_edit: NeuronEdit | None = None  # test-time registers (models/vit.py)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, return_probs: bool = False):
@@ -246,9 +294,9 @@ class Block(nn.Module):
     norm1 = layer_norm(self.norm_eps, self.dtype, 'norm1')
     check_activation(self.act, self.ffn)
     if self.ffn == 'mlp':
-      ffn = Mlp(self.mlp_hidden_dim, self.dtype, self.act, name='mlp')
+      ffn = Mlp(self.mlp_hidden_dim, self.dtype, self.act, self.neuron_edit, name='mlp')
     else:
-      ffn = SwiGLU(self.mlp_hidden_dim, self.dtype, name='mlp')
+      ffn = SwiGLU(self.mlp_hidden_dim, self.dtype, self.neuron_edit, name='mlp')
     norm2 = layer_norm(self.norm_eps, self.dtype, 'norm2')
     scale1 = scale2 = lambda y: y
     if self.layerscale_init is not None:

@@ -16,6 +16,7 @@ when the collection is mutable; otherwise ``sow`` is a no-op and costs nothing::
     inter['patch_embed_out']      # ([B, N, D],) patch projection output, before
                                   # mask tokens and the position embedding
     inter['blocks_3']['attn']['q']  # ([B, T, H, hd],) also 'k', 'v'; unrolled blocks
+    inter['blocks_3']['mlp']['hidden']  # ([B, T, hidden],) MLP activations after the nonlinearity
     inter['blocks']['attn']['q']    # ([L, B, T, H, hd],) with scan_blocks=True
     block_intermediates(inter, 'q')  # [L, B, T, H, hd] for either layout
 
@@ -112,7 +113,8 @@ class ScannedBlock(layers.Block):
 
 
 def run_blocks(block_kwargs: dict, depth: int, x, deterministic: bool, return_layers: bool,
-               return_attention: bool, scan_blocks: bool = False, remat_policy: str = 'none'):
+               return_attention: bool, scan_blocks: bool = False, remat_policy: str = 'none',
+               neuron_edits: dict | None = None):
   """``depth`` blocks ``Block(**block_kwargs)`` on ``x``: ``blocks_{i}``, or one scanned ``blocks``.
 
   Call from a compact method: the blocks become submodules of the calling
@@ -137,7 +139,10 @@ def run_blocks(block_kwargs: dict, depth: int, x, deterministic: bool, return_la
     block_cls = nn.remat(block_cls, policy=policy, static_argnums=(2, 3))
   per_layer, probs = [], []
   for i in range(depth):
-    x, p = block_cls(**block_kwargs, name=f'blocks_{i}')(x, deterministic, return_attention)
+    edit = (neuron_edits or {}).get(i)
+    extra = {'neuron_edit': edit} if edit is not None else {}
+    x, p = block_cls(**block_kwargs, **extra, name=f'blocks_{i}')(x, deterministic,
+                                                                  return_attention)
     per_layer.append(x)
     probs.append(p)
   stack = lambda xs, on: jnp.stack(xs) if on else None
@@ -175,6 +180,14 @@ class VisionTransformer(nn.Module):
   scan_blocks: bool = False
   remat_policy: str = 'none'
   attention_impl: str = 'auto'
+  # Test-time registers (Jiang et al. 2025; analysis/register_neurons.py): extra tokens,
+  # zero input and no position, after the trained registers and dropped from every
+  # output like them; ``register_neurons`` ((layer, (neuron, ...)), ...) are the MLP
+  # neurons whose activations move into them. All off by default and free when off.
+  num_test_time_registers: int = 0
+  register_neurons: tuple = ()
+  neuron_scale: float = 1.0
+  neuron_mode: str = 'zero'  # 'zero' | 'mean' (what the patches' activations become)
 
   @property
   def mlp_hidden_dim(self) -> int:
@@ -184,7 +197,36 @@ class VisionTransformer(nn.Module):
 
   @property
   def num_prefix_tokens(self) -> int:
-    return int(self.class_token) + self.num_registers
+    """Tokens before the patches: cls, trained registers, test-time registers."""
+    return int(self.class_token) + self.num_registers + self.num_test_time_registers
+
+  def token_slices(self) -> dict[str, slice]:
+    """Where each kind of token sits in the sequence ``[cls, registers, test-time, patches]``."""
+    c, r, t = int(self.class_token), self.num_registers, self.num_test_time_registers
+    return {'cls': slice(0, c), 'registers': slice(c, c + r),
+            'test_time_registers': slice(c + r, c + r + t), 'patches': slice(c + r + t, None)}
+
+  def _neuron_edits(self) -> dict[int, layers.NeuronEdit]:
+    edits = {}
+    for layer, neurons in self.register_neurons:
+      if not 0 <= layer < self.depth:
+        raise ValueError(f'register_neurons: layer {layer} of a {self.depth}-block model')
+      bad = [n for n in neurons if not 0 <= n < self.mlp_hidden_dim]
+      if bad:
+        raise ValueError(f'register_neurons: layer {layer} neurons {bad} outside the MLP width '
+                         f'{self.mlp_hidden_dim}')
+      if neurons:
+        edits[int(layer)] = layers.NeuronEdit(
+            tuple(int(n) for n in neurons), int(self.class_token) + self.num_registers,
+            self.num_test_time_registers, self.neuron_scale, self.neuron_mode)
+    if edits and not self.num_test_time_registers:
+      raise ValueError('register_neurons move activations into test-time registers: set '
+                       'num_test_time_registers >= 1')
+    if edits and self.scan_blocks:
+      raise ValueError('register_neurons edit chosen layers: use scan_blocks=False')
+    if self.neuron_mode not in layers.NEURON_EDIT_MODES:
+      raise ValueError(f'neuron_mode={self.neuron_mode!r}; valid: {layers.NEURON_EDIT_MODES}')
+    return edits
 
   def _validate(self):
     if self.ffn not in ('mlp', 'swiglu'):
@@ -227,6 +269,8 @@ class VisionTransformer(nn.Module):
                        layers.logical(nn.initializers.normal(1e-6), None, None, 'embed'),
                        (1, self.num_registers, d), jnp.float32)
       prefix.append(jnp.broadcast_to(reg, (b, self.num_registers, d)))
+    if self.num_test_time_registers:
+      prefix.append(jnp.zeros((b, self.num_test_time_registers, d), x.dtype))
     tokens = jnp.concatenate([p.astype(x.dtype) for p in prefix] + [x], axis=1)
     return tokens, (gh, gw)
 
@@ -240,7 +284,8 @@ class VisionTransformer(nn.Module):
   def _blocks(self, x, deterministic, return_layers, return_attention):
     """Runs the blocks; returns ``x`` and stacked per-layer tokens / probs."""
     return run_blocks(self._block_kwargs(), self.depth, x, deterministic, return_layers,
-                      return_attention, self.scan_blocks, self.remat_policy)
+                      return_attention, self.scan_blocks, self.remat_policy,
+                      self._neuron_edits())
 
   @nn.compact
   def __call__(self, images, masks=None, train: bool = False,
@@ -263,13 +308,15 @@ class VisionTransformer(nn.Module):
     x, per_layer, probs = self._blocks(x, not train, return_layers, return_attention)
     norm = layers.layer_norm(self.norm_eps, self.dtype, 'norm')
     normed = norm(x)
-    c, r = int(self.class_token), self.num_registers
+    where = self.token_slices()
     out = {
-        'registers': normed[:, c:c + r],
-        'patches': normed[:, c + r:],
+        'registers': normed[:, where['registers']],
+        'patches': normed[:, where['patches']],
         'prenorm': x,
         'masks': masks,
     }
+    if self.num_test_time_registers:
+      out['test_time_registers'] = normed[:, where['test_time_registers']]
     if self.class_token:
       out['cls'] = normed[:, 0]
     if return_layers:
@@ -307,8 +354,9 @@ VARIANTS = {
 _ARCH_RE = re.compile(r'^vit(ti|s|b|l|g)(\d+)(?:_reg(\d*))?$')
 
 
-def block_intermediates(intermediates, name: str, call: int = -1):
-  """A per-block sown value (``'q'``, ``'k'``, ``'v'``) stacked as ``[L, ...]``.
+def block_intermediates(intermediates, name: str, call: int = -1, module: str = 'attn'):
+  """A per-block sown value stacked as ``[L, ...]``: ``'q'``, ``'k'``, ``'v'`` of ``attn``,
+  ``'hidden'`` of ``mlp`` (the activations after the nonlinearity).
 
   ``intermediates`` is the ``'intermediates'`` collection of an ``apply`` with
   ``mutable=['intermediates']``, from unrolled (``blocks_{i}``) or scanned
@@ -316,12 +364,12 @@ def block_intermediates(intermediates, name: str, call: int = -1):
   called several times in that ``apply`` (each sow appends an entry).
   """
   if 'blocks' in intermediates:
-    return intermediates['blocks']['attn'][name][call]
+    return intermediates['blocks'][module][name][call]
   keys = sorted((k for k in intermediates if re.fullmatch(r'blocks_\d+', k)),
                 key=lambda k: int(k.split('_')[1]))
   if not keys:
     raise KeyError(f'no block intermediates; sown keys: {sorted(intermediates)}')
-  return jnp.stack([intermediates[k]['attn'][name][call] for k in keys])
+  return jnp.stack([intermediates[k][module][name][call] for k in keys])
 
 
 def arch_kwargs(name: str) -> dict:
