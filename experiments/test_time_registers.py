@@ -25,7 +25,7 @@ import sys
 
 from vitreg_jax.analysis import artifacts, cli, register_neurons
 from vitreg_jax.analysis.features import FeaturePass
-from vitreg_jax.models import test_time_registers
+from vitreg_jax.models import layers, test_time_registers
 
 MODES = ('find', 'report')
 
@@ -44,7 +44,7 @@ def find_parser():
                  help='keep a neuron only where it is below 0.5 on >= half of the tokens')
   p.add_argument('--num-tokens', type=int, default=1, help='test-time tokens to append')
   p.add_argument('--scale', type=float, default=1.0, help='scale of the moved activation')
-  p.add_argument('--mode', choices=('zero', 'mean'), default='zero',
+  p.add_argument('--mode', choices=layers.NEURON_EDIT_MODES, default='zero',
                  help="what the patches' activations of the neurons become")
   return p
 

@@ -28,10 +28,10 @@ def signed_max(values):
   return flat[np.abs(flat).argmax()]
 
 
-@pytest.mark.parametrize('mode', ['zero', 'mean'])
+@pytest.mark.parametrize('mode', ['zero', 'mean', 'only_outliers', 'same'])
 def test_edit_matches_numpy(mode):
   rng = np.random.default_rng(0)
-  hidden = rng.normal(size=(3, 9, 12)).astype(np.float32)  # [cls, reg, tt, tt, 5 patches]
+  hidden = rng.normal(size=(3, 20, 12)).astype(np.float32)  # [cls, reg, tt, tt, 16 patches]
   neurons = (2, 7, 5)
   edit = layers.NeuronEdit(neurons, keep=2, num_tokens=2, scale=0.5, mode=mode)
   got = np.asarray(edit(hidden))
@@ -40,7 +40,14 @@ def test_edit_matches_numpy(mode):
     s = signed_max(hidden[b][:, list(neurons)])  # all tokens x the neurons, per image
     for n in neurons:
       want[b, 2:4, n] = 0.5 * s
-      want[b, 4:, n] = 0.0 if mode == 'zero' else hidden[b, 4:, n].mean()
+      patches = hidden[b, 4:, n]
+      if mode == 'zero':
+        want[b, 4:, n] = 0.0
+      elif mode == 'mean':
+        want[b, 4:, n] = patches.mean()
+      elif mode == 'only_outliers':  # the official: > mean + torch.std (unbiased) -> mean
+        high = patches > patches.mean() + patches.std(ddof=1)
+        want[b, 4:, n] = np.where(high, patches.mean(), patches)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
   assert (got[:, :2] == hidden[:, :2]).all()  # cls and trained registers untouched
 

@@ -113,7 +113,7 @@ class Attention(nn.Module):
     return out, probs
 
 
-NEURON_EDIT_MODES = ('zero', 'mean')
+NEURON_EDIT_MODES = ('zero', 'mean', 'only_outliers', 'same')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +123,9 @@ class NeuronEdit:
   Token layout ``[keep (cls + trained registers), test-time tokens, patches]``:
   per image, ``s`` = the signed maximum (largest ``|value|``, sign kept) over
   *all* tokens x the selected ``neurons`` jointly; the test-time tokens' selected
-  activations become ``scale * s``; the patches' become 0 (``'zero'``) or their
-  mean over the patches (``'mean'``); cls and trained registers are untouched.
+  activations become ``scale * s``; the patches' become 0 (``'zero'``), their
+  mean over the patches (``'mean'``), that mean only where above mean + std
+  (``'only_outliers'``), or stay (``'same'``); cls and trained registers are untouched.
   """
   neurons: tuple[int, ...]
   keep: int          # leading tokens never edited (cls + trained registers)
@@ -141,11 +142,15 @@ class NeuronEdit:
     start, patches = self.keep, self.keep + self.num_tokens
     tt = jnp.broadcast_to((self.scale * s)[:, None, :].astype(hidden.dtype),
                           (hidden.shape[0], self.num_tokens, len(self.neurons)))
+    rest = selected[:, patches:]
+    mean = rest.mean(axis=1, keepdims=True)
     if self.mode == 'zero':
-      rest = jnp.zeros_like(selected[:, patches:])
-    else:
-      rest = jnp.broadcast_to(selected[:, patches:].mean(axis=1, keepdims=True),
-                              selected[:, patches:].shape)
+      rest = jnp.zeros_like(rest)
+    elif self.mode == 'mean':
+      rest = jnp.broadcast_to(mean, rest.shape)
+    elif self.mode == 'only_outliers':  # above mean + std (unbiased, as torch.std) -> mean
+      outlier = rest > mean + jnp.std(rest, axis=1, keepdims=True, ddof=1)
+      rest = jnp.where(outlier, mean, rest)
     edited = jnp.concatenate([selected[:, :start], tt, rest], axis=1)
     return jnp.asarray(hidden).at[..., idx].set(edited)
 

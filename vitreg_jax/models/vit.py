@@ -187,7 +187,7 @@ class VisionTransformer(nn.Module):
   num_test_time_registers: int = 0
   register_neurons: tuple = ()
   neuron_scale: float = 1.0
-  neuron_mode: str = 'zero'  # 'zero' | 'mean' (what the patches' activations become)
+  neuron_mode: str = 'zero'  # what the patches' activations become: layers.NEURON_EDIT_MODES
 
   @property
   def mlp_hidden_dim(self) -> int:
