@@ -219,3 +219,24 @@ def test_shipped_dinov2_list_applies_to_a_vitl14():
   assert shapes['params']['blocks_17']['mlp']['fc1']['kernel'].shape[-1] == 4096
   with pytest.raises(ValueError, match='not a shipped list'):
     test_time_registers.load('dinov2_vitg14')
+
+
+def test_edit_shards_over_the_batch_with_per_image_maxima():
+  """8 images on 8 simulated devices (one per device) == one device: the signed max is per
+  image, never a batch-wide or batch-element-0 value."""
+  from vitreg_jax.analysis.features import FeaturePass  # pylint: disable=import-outside-toplevel
+  model, variables = planted_model()
+  edited = test_time_registers.apply(model, {'layers': {PLANTED_NEURON[0]: [PLANTED_NEURON[1]]}})
+  images = analysis_testing.planted_images(8, np.random.default_rng(0)).astype(np.float32) / 255
+  images[::2] *= 0.5  # images differ in their maxima
+  mesh, rules = cli.mesh_and_rules()
+  assert mesh.size == 8
+  outputs = ('patches', 'test_time_registers')
+  batch = jax.device_put(images, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))))
+  sharded = FeaturePass(edited, outputs, mesh, rules)(variables, batch)
+  single = FeaturePass(edited, outputs)(variables, images)
+  for name in outputs:
+    np.testing.assert_allclose(sharded[name], single[name], atol=1e-5, rtol=1e-5)
+  tokens = np.asarray(single['test_time_registers'])[:, 0]
+  assert not np.allclose(tokens[0], tokens[1])  # per image
