@@ -24,7 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _experiment(name: str):
-  spec = importlib.util.spec_from_file_location(f'experiments_{name}', os.path.join(HERE, f'{name}.py'))
+  spec = importlib.util.spec_from_file_location(f'experiments_{name}',
+                                                os.path.join(HERE, f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

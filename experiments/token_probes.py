@@ -94,7 +94,8 @@ def _position_rows(train, val, cutoff, grid, args):
                                  seed=args.seed)
     predicted = result['predictions']
     true = val['position'][keep]
-    distance = np.hypot(predicted // grid[1] - true // grid[1], predicted % grid[1] - true % grid[1])
+    (pr, pc), (tr, tc) = divmod(predicted, grid[1]), divmod(true, grid[1])
+    distance = np.hypot(pr - tr, pc - tc)
     rows.append({'probe': 'position', 'token': kind, 'tokens': int(keep.sum()),
                  'top1 %': 100 * float((predicted == true).mean()),
                  'mean distance': float(distance.mean())})

@@ -143,7 +143,8 @@ def test_pixel_features_find_the_embedded_objects():
   for i in range(len(source)):
     x = native.map(dict(source[i]))
     g = (x['image'].shape[0] // P, x['image'].shape[1] // P)
-    pixels = x['image'].reshape(g[0], P, g[1], P, 3).transpose(0, 2, 1, 3, 4).reshape(g[0] * g[1], -1)
+    pixels = x['image'].reshape(g[0], P, g[1], P, 3).transpose(0, 2, 1, 3, 4)
+    pixels = pixels.reshape(g[0] * g[1], -1)
     result = lost.lost(pixels - np.median(pixels, axis=0), g, P, (48, 48))
     gt = lost_data.ground_truth(x['boxes'], 'plain')
     hits.append(lost.correct(result.box, gt))
@@ -173,5 +174,6 @@ def test_lost_cli_reads_voc_through_tfds_with_its_box_convention(tmp_path):
     expected = np.round(record['boxes'] * [w, h, w, h]) - [1, 1, 0, 0]
     np.testing.assert_allclose(image['gt'], expected)
     sizes.add((-(-h // P), -(-w // P)))
-    assert 0 <= image['box'][0] < image['box'][2] <= w and 0 <= image['box'][1] < image['box'][3] <= h
+    x0, y0, x1, y1 = image['box']
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
   assert result['compilations'] == len(sizes)

@@ -91,7 +91,8 @@ def torch_search(model, images, detect_layer, threshold):
   outliers = outs['x'].norm(dim=-1) > threshold                  # [B, T]
   hidden = torch.stack([acts[l] for l in range(len(model.blocks))], 1).abs()  # [B, L, T, H]
   has = outliers.any(-1)
-  score = (hidden * outliers[:, None, :, None]).sum(2) / outliers.sum(-1).clamp(min=1)[:, None, None]
+  count = outliers.sum(-1).clamp(min=1)[:, None, None]
+  score = (hidden * outliers[:, None, :, None]).sum(2) / count
   return (score[has].sum(0) / has.sum()).numpy()
 
 
@@ -216,7 +217,7 @@ def test_shipped_dinov2_list_applies_to_a_vitl14():
   assert model.num_test_time_registers == 1 and model.num_prefix_tokens == 2
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3),
                                                                                 np.float32))
-  assert shapes['params']['blocks_17']['mlp']['fc1']['kernel'].shape[-1] == 4096
+  assert shapes['params']['blocks_17']['mlp']['fc1']['kernel'].value.shape[-1] == 4096
   with pytest.raises(ValueError, match='not a shipped list'):
     test_time_registers.load('dinov2_vitg14')
 

@@ -163,7 +163,7 @@ def register_statistics(register_norms, patch_norms, cutoff: float | None) -> di
   if not register_norms.size:
     return {'num_registers': 0}
   return {'num_registers': int(register_norms.shape[1]),
-          'per_register': [distribution(register_norms[:, r]) for r in range(register_norms.shape[1])],
+          'per_register': [distribution(column) for column in register_norms.T],
           'above_patch_cutoff': float(outlier_mask(register_norms, cutoff).mean()),
           'ratio_to_median_patch': float(np.median(register_norms) /
                                          max(float(np.median(patch_norms)), 1e-12))}

@@ -11,7 +11,6 @@ multiple (LOST). Feature passes run data-parallel over every local device.
 """
 
 import argparse
-import ast
 import io
 import json
 import os
@@ -32,16 +31,6 @@ MEANS = {'imagenet': (transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
          'openai': (transforms.CLIP_MEAN, transforms.CLIP_STD)}
 
 
-def _key_value(text: str):
-  key, sep, value = text.partition('=')
-  if not sep or not key:
-    raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=VALUE')
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
-
-
 def parser(description: str, native: bool = False) -> argparse.ArgumentParser:
   """An ``argparse`` parser with the shared model, data and output options."""
   p = argparse.ArgumentParser(description=description,
@@ -52,7 +41,8 @@ def parser(description: str, native: bool = False) -> argparse.ArgumentParser:
                       '(workdir: a training run, its export/vitreg is read)')
   m.add_argument('--arch', help='architecture name where the format carries none (e.g. '
                  'vitl14_reg; for open_clip an OpenCLIP model name); else inferred from shapes')
-  m.add_argument('--override', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
+  m.add_argument('--override', action='append', type=convert.arch.parse_override, default=[],
+                 metavar='KEY=VALUE',
                  help='a VisionTransformer field, e.g. attention_impl=xla')
   m.add_argument('--tt-registers', metavar='FILE|NAME',
                  help='test-time registers: a neuron list from experiments/test_time_registers.py '
@@ -71,7 +61,8 @@ def parser(description: str, native: bool = False) -> argparse.ArgumentParser:
   d.add_argument('--tfds-image-decoding', choices=('ours', 'tfds'), default='ours',
                  help='ours: robust decoding of the stored bytes; tfds: let tfds decode '
                       '(needed under tfds.testing.mock_data)')
-  d.add_argument('--embedded', action='append', type=_key_value, default=[], metavar='KEY=VALUE',
+  d.add_argument('--embedded', action='append', type=convert.arch.parse_override, default=[],
+                 metavar='KEY=VALUE',
                  help='embedded dataset field, e.g. image_size=48 num_classes=6')
   d.add_argument('--max-images', type=int, default=0, help='stop after this many (0: all)')
   d.add_argument('--batch-size', type=int, default=32,

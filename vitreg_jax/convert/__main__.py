@@ -12,21 +12,10 @@ format the image tower is written, to open_clip both towers.
 """
 
 import argparse
-import ast
 import logging
 import sys
 
 from vitreg_jax import convert
-
-
-def _override(text: str):
-  key, sep, value = text.partition('=')
-  if not sep or not key:
-    raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=VALUE, e.g. num_heads=8')
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value  # a bare string such as ffn=swiglu
 
 
 def parse_args(argv):
@@ -45,8 +34,9 @@ def parse_args(argv):
   parser.add_argument('--arch', help='architecture name (e.g. vitl14_reg; for open_clip an '
                       'OpenCLIP model name such as ViT-B-16) where the source format carries '
                       'none; inferred from the shapes when omitted')
-  parser.add_argument('--override', action='append', type=_override, default=[],
-                      metavar='KEY=VALUE', help='a VisionTransformer field, e.g. num_heads=8')
+  parser.add_argument('--override', action='append', type=convert.arch.parse_override,
+                      default=[], metavar='KEY=VALUE',
+                      help='a VisionTransformer field, e.g. num_heads=8')
   parser.add_argument('--weights', choices=sorted(convert.vitreg.WEIGHT_FILES),
                       help='weights file kind for --to vitreg:PATH (default safetensors)')
   return parser.parse_args(argv)

@@ -7,6 +7,8 @@ table for the usual widths (``VARIANTS`` in ``models/vit.py``) unless a name
 or override says, nor the activation or LayerNorm eps.
 """
 
+import argparse
+import ast
 import math
 import re
 
@@ -126,3 +128,15 @@ def resolve(inferred: dict, grid: int | None, carried: dict, arch: str | None,
         f'cannot infer {", ".join(missing)} ({why}); name the architecture with --arch '
         f'(e.g. vits14_reg) or pass it as an override, e.g. num_heads=...')
   return kw
+
+
+def parse_override(text: str):
+  """``'KEY=VALUE'`` of a command line -> ``(key, value)``: a Python literal, else the string
+  (a bare word such as ``ffn=swiglu``). Raises ``argparse.ArgumentTypeError`` otherwise."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=VALUE, e.g. num_heads=8')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value

@@ -26,7 +26,8 @@ def save(path: str, layers: dict, *, num_tokens: int = 1, scale: float = 1.0,
 
 
 def load(spec: str) -> dict:
-  """A saved file or a shipped name -> ``{'layers': {int: [int]}, 'num_tokens', 'scale', 'mode'}``."""
+  """A saved file or a shipped name -> ``{'layers': {int: [int]}, 'num_tokens', 'scale',
+  'mode'}``."""
   if spec in SHIPPED:
     text = importlib.resources.files('vitreg_jax.models').joinpath(
         f'data/tt_registers/{spec}.json').read_text(encoding='utf-8')
