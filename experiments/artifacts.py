@@ -119,4 +119,4 @@ def _pct(x):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -107,4 +107,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from vitreg_jax.analysis import cli  # pylint: disable=g-import-not-at-top
+  sys.exit(cli.run(main))

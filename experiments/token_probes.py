@@ -156,4 +156,4 @@ def _one_outlier(data, cut):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

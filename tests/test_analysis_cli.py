@@ -130,3 +130,18 @@ def _options(module):
       assert action.help, f'{action.option_strings} has no help text'
       options.append(action.option_strings[-1])
   return options
+
+
+def test_bad_input_is_one_line_naming_the_problem(checkpoints, tmp_path, capsys):
+  run = lambda name, *argv: cli.run(analysis_testing.experiment(name).main, list(argv))
+  assert run('lost', '--model', 'timm:/nowhere/model.safetensors', '--out', str(tmp_path)) == 2
+  assert '/nowhere/model.safetensors' in capsys.readouterr().err
+  assert run('artifacts', '--model', checkpoints[4], '--data', 'imagenet', '--out',
+             str(tmp_path)) == 2
+  assert "--data 'imagenet': expected embedded, tfds:NAME or folder:PATH" in capsys.readouterr().err
+  assert run('knn', '--model', 'workdir:' + str(tmp_path), '--out', str(tmp_path)) == 2
+  assert '--mode=export' in capsys.readouterr().err
+  assert run('attention_maps', '--model', checkpoints[4], '--tt-registers', 'nope.json',
+             '--out', str(tmp_path)) == 2
+  assert 'not a shipped list' in capsys.readouterr().err
+  assert not os.listdir(tmp_path)  # nothing written

@@ -208,3 +208,14 @@ def write_markdown(out: str, title: str, body: str) -> str:
   with open(path, 'w', encoding='utf-8') as f:
     f.write(f'# {title}\n\n{body}')
   return path
+
+
+def run(main, argv=None) -> int:
+  """``main(argv)``, with a bad input (a missing file, a wrong option value, a checkpoint that
+  does not fit) reported in one line on stderr and exit status 2 instead of a traceback."""
+  import sys  # pylint: disable=import-outside-toplevel
+  try:
+    return main(argv)
+  except (convert.ConversionError, ValueError, FileNotFoundError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
