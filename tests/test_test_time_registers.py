@@ -76,9 +76,10 @@ def test_off_is_bit_identical_and_bad_settings_are_named():
 
 # ---- a PyTorch reference of the official algorithm, on timm's VisionTransformer ----
 
-def torch_search(model, images, detect_layer, threshold):
+def torch_search(model, images, detect_layer, threshold, sparsity=False):
   """Per image (batched): outliers = tokens with block-``detect_layer`` output norm above
-  ``threshold``; score = mean |GELU output| over them; mean over images with outliers."""
+  ``threshold``; score = mean |GELU output| over them (with ``sparsity``: 0 unless the neuron
+  is below 0.5 on >= half the image's tokens); mean over images with outliers."""
   acts, outs = {}, {}
   hooks = [b.mlp.act.register_forward_hook(lambda m, i, o, l=l: acts.__setitem__(l, o))
            for l, b in enumerate(model.blocks)]
@@ -89,10 +90,13 @@ def torch_search(model, images, detect_layer, threshold):
   for h in hooks:
     h.remove()
   outliers = outs['x'].norm(dim=-1) > threshold                  # [B, T]
-  hidden = torch.stack([acts[l] for l in range(len(model.blocks))], 1).abs()  # [B, L, T, H]
+  signed = torch.stack([acts[l] for l in range(len(model.blocks))], 1)  # [B, L, T, H]
+  hidden = signed.abs()
   has = outliers.any(-1)
   count = outliers.sum(-1).clamp(min=1)[:, None, None]
   score = (hidden * outliers[:, None, :, None]).sum(2) / count
+  if sparsity:
+    score = score * ((signed < 0.5).float().mean(2) >= 0.5)
   return (score[has].sum(0) / has.sum()).numpy()
 
 
@@ -119,7 +123,8 @@ def torch_edited_forward(model, images, neurons: dict):
   return x.numpy()
 
 
-def test_search_and_edit_match_the_torch_reference(tmp_path, one_torch_thread):
+@pytest.mark.parametrize('sparsity', [False, True])
+def test_search_and_edit_match_the_torch_reference(tmp_path, one_torch_thread, sparsity):
   timm_model = convert_testing.timm_model('noreg', seed=3, img_size=56, patch_size=14)
   path = tmp_path / 'timm.safetensors'
   import safetensors.torch  # pylint: disable=import-outside-toplevel
@@ -133,9 +138,12 @@ def test_search_and_edit_match_the_torch_reference(tmp_path, one_torch_thread):
     norms = timm_model.blocks[:1](timm_model._pos_embed(  # pylint: disable=protected-access
         timm_model.patch_embed(torch_images))).norm(dim=-1)
   threshold = float(np.quantile(norms.numpy(), 0.8))
-  want = torch_search(timm_model, torch_images, 0, threshold)
+  want = torch_search(timm_model, torch_images, 0, threshold, sparsity)
   got, images_with = register_neurons.neuron_scores(
-      model, variables, [{'image': images}], detect_layer=0, threshold=threshold)
+      model, variables, [{'image': images}], detect_layer=0, threshold=threshold,
+      sparsity_filter=sparsity)
+  if sparsity:  # the filter zeroes some scores, not all
+    assert 0 < (want == 0).mean() < 1
   assert 0 < images_with
   np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
   ranked = register_neurons.rank(got, highest_layer=1, top_k=12)
