@@ -33,7 +33,8 @@ TORCH = [
 # (--mode=plan --plan.topology=v5e:16x16). jax's own extra pins the libtpu built
 # for that jax (jax 0.10.2: libtpu 0.0.42.*), so newer jax keeps working.
 TPU = ['jax[tpu]>=0.10']
-TEST = TORCH + TPU + ['pytest>=8', 'pytest-xdist>=3']
+NOTEBOOKS = ['nbclient', 'nbformat', 'ipykernel']
+TEST = TORCH + TPU + NOTEBOOKS + ['pytest>=8', 'pytest-xdist>=3']
 
 setup(
     name='vitreg_jax',
@@ -49,5 +50,5 @@ setup(
                   'vitreg_jax.models': ['data/tt_registers/*.json']},
     install_requires=CORE,
     extras_require={'torch': TORCH, 'tpu': TPU, 'test': TEST,
-                    'notebooks': ['jupyter', 'nbclient', 'nbformat']},
+                    'notebooks': NOTEBOOKS + ['jupyter']},
 )
