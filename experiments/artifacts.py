@@ -33,14 +33,9 @@ def parse_args(argv):
 
 def analyse(model, variables, args) -> dict:
   mesh, rules = cli.mesh_and_rules()
-  features = FeaturePass(model, OUTPUTS, mesh, rules)
-  keep = ('label', 'index')
-  parts = {}
-  for host in features.stream(variables, cli.batches(args, model, mesh), args.max_images,
-                              progress=True, keep=keep):
-    for name, value in host.items():
-      parts.setdefault(name, []).append(value)
-  arrays = {n: np.concatenate(v, axis=1 if n == 'layer_norms' else 0) for n, v in parts.items()}
+  arrays = FeaturePass(model, OUTPUTS, mesh, rules).over(
+      variables, cli.batches(args, model, mesh), args.max_images, progress=True,
+      keep=('label', 'index'))
   where, regs = model.token_slices(), model.num_registers
   prenorm_patches = arrays['prenorm_norms'][:, where['patches']]
   grid = (args.size // model.patch_size,) * 2

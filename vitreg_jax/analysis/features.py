@@ -204,14 +204,15 @@ class FeaturePass:
       sys.stderr.write('\n')
 
   def over(self, variables, batches: Iterable[dict], max_examples: int = 0,
-           progress: bool = False) -> dict[str, np.ndarray]:
-    """Host arrays over all ``batches`` (``image``, ``valid``, ``label``), padding dropped.
+           progress: bool = False, keep: Sequence[str] = ('label',)) -> dict[str, np.ndarray]:
+    """Host arrays over all ``batches`` (``image``, ``valid``, ``label``), padding dropped;
+    ``keep``: the batch fields passed through.
 
     Per-layer outputs keep the layers first: ``layers [L, N, T, D]``,
     ``attention [L, N, H, T, T]``; everything else is example-first.
     """
     parts: dict[str, list] = {}
-    for host in self.stream(variables, batches, max_examples, progress):
+    for host in self.stream(variables, batches, max_examples, progress, keep):
       for name, value in host.items():
         parts.setdefault(name, []).append(value)
     if not parts:

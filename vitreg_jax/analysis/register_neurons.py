@@ -27,10 +27,10 @@ SPARSITY_SHARE = 0.5        # ... on at least this share of the image's tokens
 
 def _scores(model, variables, images, detect_layer: int, threshold: float, sparsity: bool):
   """Per image: ``score [B, L, hidden]`` (0 for images without outliers), ``has [B]``."""
-  _, state = model.apply(variables, images, mutable=['intermediates'])
+  out, state = model.apply(variables, images, return_layers=True, mutable=['intermediates'])
   inter = state['intermediates']
   hidden = vit.block_intermediates(inter, 'hidden', module='mlp').astype(jnp.float32)  # [L,B,T,H]
-  out = model.apply(variables, images, return_layers=True)['layers'][detect_layer]
+  out = out['layers'][detect_layer]
   outliers = jnp.linalg.norm(out.astype(jnp.float32), axis=-1) > threshold        # [B, T]
   count = outliers.sum(-1)                                                        # [B]
   total = jnp.einsum('lbth,bt->blh', jnp.abs(hidden), outliers.astype(jnp.float32))
