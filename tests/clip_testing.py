@@ -5,10 +5,7 @@ near 1 and the logit scale near its trained range, so a wrong layout anywhere
 moves the embeddings by far more than the 1e-5 tolerance.
 """
 
-import dataclasses
-import json
 import pathlib
-from unittest import mock
 
 import numpy as np
 
@@ -108,31 +105,7 @@ def open_clip_outputs(ref, x, ids) -> dict:
   return {'image_embeds': image, 'text_embeds': text, 'logits': logits}
 
 
-def _knows_timm_model_kwargs() -> bool:
-  from open_clip.model import CLIPVisionCfg  # pylint: disable=import-outside-toplevel
-  return 'timm_model_kwargs' in {f.name for f in dataclasses.fields(CLIPVisionCfg)}
-
-
-def open_clip_from_folder(folder: pathlib.Path, scratch: pathlib.Path):
-  """``open_clip.create_model('local-dir:FOLDER')``, strict weights.
-
-  OpenCLIP <= 3.3.0 does not know ``vision_cfg.timm_model_kwargs`` (later
-  versions pass it to ``timm.create_model``). There the config without it is
-  registered with ``add_model_config`` and built by name, ``timm.create_model``
-  getting the kwargs as later versions give them; the weights still load
-  strictly through ``create_model(name, pretrained=FILE)``.
-  """
-  import open_clip  # pylint: disable=import-outside-toplevel
-  import timm  # pylint: disable=import-outside-toplevel
-  config = json.loads((folder / 'open_clip_config.json').read_text())['model_cfg']
-  kwargs = config['vision_cfg'].get('timm_model_kwargs')
-  if not kwargs or _knows_timm_model_kwargs():
-    return open_clip.create_model(f'local-dir:{folder}').eval()
-  name = f'vitreg-test-{scratch.name}-{folder.name}'  # unique: the registry is global
-  vision = {k: v for k, v in config['vision_cfg'].items() if k != 'timm_model_kwargs'}
-  (scratch / f'{name}.json').write_text(json.dumps({**config, 'vision_cfg': vision}))
-  open_clip.add_model_config(scratch / f'{name}.json')
-  create = timm.create_model
-  with mock.patch.object(timm, 'create_model', lambda arch, **kw: create(arch, **{**kw, **kwargs})):
-    model = open_clip.create_model(name, pretrained=str(folder / 'open_clip_model.safetensors'))
-  return model.eval()
+def open_clip_from_folder(folder: pathlib.Path):
+  """``open_clip.create_model`` of our folder export, strict weights (``convert.open_clip_torch``)."""
+  from vitreg_jax.convert import open_clip_torch  # pylint: disable=import-outside-toplevel
+  return open_clip_torch.create_model(str(folder))

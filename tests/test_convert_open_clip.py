@@ -113,7 +113,7 @@ def test_registers_export_to_a_timm_trunk_that_openclip_loads(pool, class_token,
   assert ('visual.trunk.cls_token' in state) == class_token
   assert state['visual.trunk.pos_embed'].shape == (1, (clt.IMG // clt.PATCH) ** 2, clt.WIDTH)
   assert state['visual.head.proj.weight'].shape == (clt.EMBED, clt.WIDTH)
-  ref = clt.open_clip_from_folder(tmp_path / f'reg_{pool}', tmp_path)
+  ref = clt.open_clip_from_folder(tmp_path / f'reg_{pool}')
   assert ref.visual.trunk.num_reg_tokens == 4
   assert_same_embeddings(model, variables, ref, keys=('image_embeds', 'text_embeds'))
   # ... and it reads back as the same function.

@@ -52,6 +52,21 @@ def test_every_config_file_names_a_registered_recipe():
     recipes.build(_load(os.path.relpath(path, REPO)))
 
 
+def _check_summary(stdout, workdir):
+  """The run's last lines name every place it wrote (all exist) and the commands to run next."""
+  summary = stdout[stdout.index('finished at step'):].splitlines()
+  places = dict(map(str.strip, line.split(': ', 1)) for line in summary[1:]
+                if line.startswith('  ') and ': ' in line)
+  assert {'checkpoints', 'metrics', 'tensorboard', 'export backbone'} <= set(places), summary
+  written = [p for key, value in places.items() if key in ('checkpoints', 'metrics', 'tensorboard')
+             or key.startswith('export ') for p in value.split(', ')]
+  assert all(os.path.exists(p) for p in written), summary
+  assert places['tensorboard'] == os.path.join(workdir, 'tensorboard')
+  assert 'next:' in summary
+  assert f'python -m vitreg_jax.main --mode=eval --workdir={workdir}' in stdout
+  assert f'--model workdir:{workdir}' in stdout  # the analyses, on the vitreg export
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(recipes.REGISTRY))
 def test_recipe_trains_checkpoints_resumes_and_exports(name, tmp_path):
@@ -61,6 +76,7 @@ def test_recipe_trains_checkpoints_resumes_and_exports(name, tmp_path):
   first = _main(workdir, *flags, config=config)
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'finished at step 6 of 6' in first.stdout
+  _check_summary(first.stdout, workdir)
   assert 'INFO' not in first.stderr + first.stdout  # the console stays quiet by default
   checkpoints = os.path.join(workdir, 'checkpoints')
   assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == [3, 6]

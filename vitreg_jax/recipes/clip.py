@@ -192,8 +192,13 @@ class CLIPRecipe:
     return [evaluator]
 
   def exports(self, state: TrainState) -> dict[str, Export]:
-    """The image tower, as a backbone (vitreg / timm / HF / DINOv2 hub)."""
-    return {'backbone': Export(self.visual, {'params': state.params['visual']})}
+    """The image tower as a backbone (the configured formats), and both towers for OpenCLIP.
+
+    ``export/clip_open_clip`` loads with ``convert.load_clip('open_clip:...')`` and in
+    ``open_clip.create_model('local-dir:...')`` (``convert.open_clip_torch``).
+    """
+    return {'backbone': Export(self.visual, {'params': state.params['visual']}),
+            'clip': Export(self.model, {'params': state.params}, formats=('open_clip',))}
 
   def analytic_flops(self, global_batch_size: int) -> float:
     t = self.text

@@ -20,6 +20,7 @@ Failure behaviour a pod user relies on:
 
 import importlib.util
 import os
+import shlex
 import signal
 import time
 
@@ -35,7 +36,8 @@ from vitreg_jax.train import metrics_log, mfu, sharded as sharded_lib
 
 # Where each format goes under workdir/export (folders for vitreg and hf).
 EXPORT_NAMES = {'vitreg': 'vitreg', 'hf': 'hf', 'dinov2': 'dinov2_backbone.pth',
-                'timm': 'timm_model.safetensors'}
+                'timm': 'timm_model.safetensors', 'open_clip': 'open_clip'}
+TWO_TOWER_FORMATS = ('open_clip',)  # written with convert.save_clip
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,9 +92,10 @@ def export_paths(name: str, workdir: str) -> dict[str, str]:
 def _export(recipe, state, config, workdir: str) -> dict[str, list[str]]:
   """The recipe's exports in every configured format; returns name -> written paths."""
   from vitreg_jax import convert  # pylint: disable=import-outside-toplevel
-  unknown = [f for f in config.train.export_formats if f not in EXPORT_NAMES]
+  backbone_formats = sorted(set(EXPORT_NAMES) - set(TWO_TOWER_FORMATS))
+  unknown = [f for f in config.train.export_formats if f not in backbone_formats]
   if unknown:
-    raise ValueError(f'train.export_formats has {unknown[0]!r}; valid: {sorted(EXPORT_NAMES)}')
+    raise ValueError(f'train.export_formats has {unknown[0]!r}; valid: {backbone_formats}')
   written = {}
   for name, item in recipe.exports(state).items():
     variables, head = jax.tree.map(np.asarray, jax.device_get(
@@ -100,7 +103,7 @@ def _export(recipe, state, config, workdir: str) -> dict[str, list[str]]:
     if jax.process_index() != 0:
       continue
     paths = export_paths(name, workdir)
-    for fmt in config.train.export_formats:
+    for fmt in item.formats or config.train.export_formats:
       target = paths[fmt]
       if target.endswith('.pth') and importlib.util.find_spec('torch') is None:
         logging.warning('skipped the %s export: .pth files need torch (pip install -e ".[torch]")',
@@ -109,9 +112,29 @@ def _export(recipe, state, config, workdir: str) -> dict[str, list[str]]:
       options = dict(item.convert_options.get(fmt, {}))
       if head is not None and fmt == 'timm':
         options['head'] = head
-      convert.save(item.module, variables, f'{fmt}:{target}', **options)
+      save = convert.save_clip if fmt in TWO_TOWER_FORMATS else convert.save
+      save(item.module, variables, f'{fmt}:{target}', **options)
       written.setdefault(name, []).append(target)
   return written
+
+
+def _places(workdir: str) -> dict[str, str]:
+  return {'checkpoints': os.path.join(workdir, 'checkpoints'),
+          'metrics': os.path.join(workdir, 'metrics.jsonl'),
+          'tensorboard': os.path.join(workdir, 'tensorboard')}
+
+
+def _next_commands(workdir: str, finished: bool, written: dict[str, list[str]]) -> dict[str, str]:
+  """Commands a user runs on this run's results (quoted for a shell)."""
+  quoted = shlex.quote(workdir)
+  commands = {} if finished else {'resume': 'run the same command again'}
+  commands['curves'] = f'tensorboard --logdir {shlex.quote(os.path.join(workdir, "tensorboard"))}'
+  commands['evaluate'] = f'python -m vitreg_jax.main --mode=eval --workdir={quoted}'
+  if export_paths('backbone', workdir)['vitreg'] in written.get('backbone', ()):
+    out = shlex.quote(os.path.join(workdir, 'analysis'))
+    commands['analyse'] = (f'python experiments/artifacts.py --model workdir:{quoted} '
+                           f'--out {out}/artifacts  (and attention_maps.py, lost.py, knn.py ...)')
+  return commands
 
 
 def _open_checkpoints(workdir: str, config, recipe, **kwargs) -> checkpoint.RunCheckpointer:
@@ -137,7 +160,7 @@ def export(recipe, config, workdir: str, allow_config_changes: bool = False) -> 
   """``--mode=export``: the latest readable checkpoint's exports in every configured format."""
   _, state, step = _restore(recipe, config, workdir, allow_config_changes)
   written = _export(recipe, state, config, workdir)
-  metrics_log.summary(f'exported step {step}', written)
+  metrics_log.summary(f'exported step {step}', {}, written)
   return written
 
 
@@ -253,8 +276,8 @@ def run(recipe, config, workdir: str, allow_config_changes: bool = False) -> dic
     ckpt.close()
     writer.close()
     data_iter.close()
+  finished = step == total_steps
   metrics_log.summary(
-      f'{"finished" if step == total_steps else "stopped"} at step {step} of {total_steps}; '
-      f'checkpoints in {os.path.join(workdir, "checkpoints")}, metrics in '
-      f'{os.path.join(workdir, "metrics.jsonl")}', written)
+      f'{"finished" if finished else "stopped"} at step {step} of {total_steps}',
+      _places(workdir), written, _next_commands(workdir, finished, written))
   return last_metrics

@@ -68,11 +68,17 @@ def progress(line: str) -> None:
     print(line, flush=True)
 
 
-def summary(headline: str, written: dict[str, list[str]]) -> None:
-  """Where the run's results went: the headline, then each export's files."""
+def summary(headline: str, places: dict[str, str], written: dict[str, list[str]],
+            next_commands: dict[str, str] = ()) -> None:
+  """Where the run's results went (checkpoints, metrics, each export's files) and what to run next."""
   lines = [headline]
-  for name, paths in written.items():
-    lines.append(f'  export {name}: ' + ', '.join(paths))
+  width = max(map(len, [*places, *(f'export {n}' for n in written)]), default=0) + 1
+  lines += [f'  {name + ":":{width}} {where}' for name, where in places.items()]
+  lines += [f'  {"export " + name + ":":{width}} ' + ', '.join(paths)
+            for name, paths in written.items()]
+  if next_commands:
+    lines.append('next:')
+    lines += [f'  {what}: {command}' for what, command in dict(next_commands).items()]
   progress('\n'.join(lines))
 
 

@@ -52,12 +52,15 @@ class Export:
 
   ``head`` (optional): classifier params ``{'kernel': [D, C], 'bias': [C]}`` that
   formats with a classifier slot (timm) carry along; ``convert_options`` go to
-  ``convert.save`` (e.g. timm's ``deit3`` layout).
+  ``convert.save`` (e.g. timm's ``deit3`` layout). ``formats``: the formats this
+  export is written in whatever ``train.export_formats`` says (a two-tower
+  image-text model has one: ``('open_clip',)``); None: the configured ones.
   """
   module: Any
   variables: Any
   head: Any = None
   convert_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  formats: Sequence[str] | None = None
 
 
 class Recipe(Protocol):
