@@ -2,7 +2,9 @@
 
 The config names its recipe (``config.recipe``, see ``vitreg_jax/recipes``);
 this module names none. The console shows progress, evaluations, warnings and
-a summary; third-party INFO logs (Orbax, absl) only with ``--verbosity=1``. A
+a closing summary (where checkpoints, metrics, TensorBoard events and exports
+are; the commands to run next); third-party INFO logs (Orbax, absl) only with
+``--verbosity=1``. A
 config mistake (unknown key, invalid value) prints one line and exits with 2.
 
 Modes:
@@ -19,9 +21,10 @@ Modes:
   strategy as usual, e.g.
   ``--config.mesh.fsdp=-1 --config.mesh.tensor=4 --config.sharding.strategy=fsdp_tp``.
 * ``export``: the latest readable checkpoint's exports in every format of
-  ``config.train.export_formats`` (vitreg, dinov2, timm, hf) under ``WORKDIR/export``.
+  ``config.train.export_formats`` (vitreg, dinov2, timm, hf) under ``WORKDIR/export``;
+  CLIP also writes both towers for OpenCLIP (``export/clip_open_clip``).
 * ``eval``: the recipe's evaluators (DINOv2: kNN top-1 and the high-norm-token
-  fraction; DeiT-III: top-1) on the latest readable checkpoint
+  fraction; DeiT-III: top-1; CLIP: zero-shot top-1) on the latest readable checkpoint
   (``--eval_random_init``: on the same network at random init, the baseline).
 
 export and eval use the config saved with the checkpoint when ``--config`` is
