@@ -147,6 +147,22 @@ def test_real_tokenizer_ids_pool_at_their_end_of_text():
 # --- causal attention -----------------------------------------------------------------------
 
 @pytest.mark.parametrize('shape', [(1, 7, 2, 8), (3, 12, 4, 4)])
+def test_causal_attention_gradients_equal_xla(shape):
+  """The CPU kernel's own backward (probabilities recomputed, masked keys included) gives the
+  gradients autodiff of the plain formulation gives."""
+  rng = np.random.default_rng(4)
+  q, k, v, cot = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(4))
+
+  def grads(impl):
+    loss = lambda *a: (attention_lib.dot_product_attention(*a, impl=impl, causal=True)[0]
+                       * cot).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  for impl in ('per_example', 'cpu_flash'):
+    for got, want in zip(grads(impl), grads('xla')):
+      assert np.abs(np.asarray(got) - np.asarray(want)).max() <= TOL * np.abs(want).max(), impl
+
+@pytest.mark.parametrize('shape', [(1, 7, 2, 8), (3, 12, 4, 4)])
 def test_causal_attention_impls_match_numpy(shape):
   rng = np.random.default_rng(3)
   q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
@@ -156,7 +172,7 @@ def test_causal_attention_impls_match_numpy(shape):
   probs = np.exp(logits_ - logits_.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   want = np.einsum('bhqk,bkhd->bqhd', probs, np.asarray(v, np.float64))
-  for impl in ('xla', 'per_example', 'fused'):
+  for impl in ('xla', 'per_example', 'cpu_flash', 'fused'):
     out, _ = attention_lib.dot_product_attention(q, k, v, impl=impl, causal=True)
     assert np.abs(np.asarray(out) - want).max() <= TOL, impl
     out, p = attention_lib.dot_product_attention(q, k, v, impl=impl, causal=True,

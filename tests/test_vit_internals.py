@@ -145,7 +145,7 @@ def test_each_call_appends_its_own_entry(scan):
 
 # --- attention implementations -------------------------------------------------------------
 
-IMPLS = ('xla', 'per_example', 'fused')
+IMPLS = ('xla', 'per_example', 'cpu_flash', 'fused')
 # (batch, tokens, heads, head_dim): T not a multiple of 8, batch 1 and 3.
 SHAPES = ((1, 13, 2, 8), (3, 21, 4, 16), (3, 8, 1, 4), (2, 37, 6, 64))
 

@@ -11,8 +11,11 @@ schedules):
   over ``T x T``). The working set stays in cache, which is what makes CPU
   fast (≈ torch SDPA). Mapping over a sharded batch axis would gather it, so
   it is never chosen for accelerators.
+* ``cpu_flash``: ``per_example`` with a custom backward that recomputes each
+  image's probabilities from the saved log-sum-exp instead of storing them
+  (``attention_cpu``): the backward's working set stays in cache too.
 * ``fused``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU).
-* ``auto``: ``per_example`` on CPU, ``fused`` on GPU, ``xla`` on TPU.
+* ``auto``: ``cpu_flash`` on CPU, ``fused`` on GPU, ``xla`` on TPU.
 
 Probabilities (for attention-map analyses) are returned only when asked.
 ``causal=True`` (the CLIP text tower) lets query ``i`` see keys ``0..i`` only.
@@ -21,7 +24,9 @@ Probabilities (for attention-map analyses) are returned only when asked.
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'xla', 'per_example', 'fused')
+from vitreg_jax.models import attention_cpu
+
+IMPLS = ('auto', 'xla', 'per_example', 'cpu_flash', 'fused')
 
 
 def resolve_impl(impl: str) -> str:
@@ -29,7 +34,7 @@ def resolve_impl(impl: str) -> str:
     raise ValueError(f'unknown attention impl {impl!r}; valid: {IMPLS}')
   if impl != 'auto':
     return impl
-  return {'cpu': 'per_example', 'gpu': 'fused'}.get(jax.default_backend(), 'xla')
+  return {'cpu': 'cpu_flash', 'gpu': 'fused'}.get(jax.default_backend(), 'xla')
 
 
 def _mask_future(logits):
@@ -71,7 +76,9 @@ def dot_product_attention(q, k, v, *, impl: str = 'auto', return_probs: bool = F
                           causal: bool = False):
   """Returns ``(out [B, T, H, hd], probs [B, H, T, T] float32 or None)``."""
   impl = resolve_impl(impl)
-  if impl == 'per_example':
+  if impl == 'cpu_flash' and not return_probs:
+    return attention_cpu.attention(q, k, v, causal), None
+  if impl in ('per_example', 'cpu_flash'):
     return _per_example(q, k, v, return_probs, causal)
   if impl == 'xla' or return_probs:
     return _xla(q, k, v, return_probs, causal)

@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitreg_jax.models.layers import LINEAR_INIT, logical
+from vitreg_jax.models.layers import LINEAR_INIT, gelu, logical
 
 Dtype = Any
 # torch's default nn.Linear init, which the reference keeps for weight_v:
@@ -81,7 +81,7 @@ class ProjectionMLP(nn.Module):
                    bias_init=logical(nn.initializers.zeros, out_axis),
                    name=f'layers_{2 * i}')(x)
       if not last:
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
     return x
 
 
