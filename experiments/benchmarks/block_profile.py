@@ -16,13 +16,11 @@ after is printed (see ``machine.py``).
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import machine  # noqa: E402  pylint: disable=wrong-import-position
+import machine
 
 T, D, H, HIDDEN = 261, 384, 6, 1536
 
@@ -143,7 +141,7 @@ def main():
   ms = {key: [1e3 * float(np.median(t)) for t in pair] for key, pair in times.items()}
   print(f'one ViT-S/14 reg4 block, batch {args.batch} x {T} tokens, float32, {args.rounds} '
         f'interleaved rounds, median ms')
-  print(f'| op | ours fwd | torch fwd | ours fwd+bwd | torch fwd+bwd | ratio fwd | ratio fwd+bwd |')
+  print('| op | ours fwd | torch fwd | ours fwd+bwd | torch fwd+bwd | ratio fwd | ratio fwd+bwd |')
   print('|---|---|---|---|---|---|---|')
   for name in ours:
     ref = 'attention core' if name.startswith('attention core') else (

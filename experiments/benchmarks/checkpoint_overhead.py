@@ -27,10 +27,11 @@ import time
 
 import numpy as np
 
+import machine
+
 from vitreg_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QUIET_LOAD = 0.5
 
 
 def load_config(model: str):
@@ -76,8 +77,9 @@ def main():
   parser.add_argument('--model', choices=('smoke', 'vitb'), default='smoke')
   parser.add_argument('--steps', type=int, default=60)
   parser.add_argument('--every', type=int, default=10)
+  machine.add_arguments(parser)
   args = parser.parse_args()
-  load_before = os.getloadavg()
+  quiet = machine.Quiet(args)
 
   import jax  # pylint: disable=import-outside-toplevel
   from vitreg_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -102,7 +104,6 @@ def main():
     ckpt.close()
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
-  load_after = os.getloadavg()
 
   at_save = saving[np.asarray(saved) - 1]
   others = np.delete(saving, np.asarray(saved) - 1)
@@ -116,10 +117,7 @@ def main():
         f'{final_wait * 1e3:.0f} ms waiting for the last save')
   print(f'overhead of checkpointing: {100 * overhead:+.1f}% of total step time '
         f'(save steps alone: {100 * (np.median(at_save) / np.median(plain) - 1):+.1f}%)')
-  print(f'load average before {load_before[0]:.2f}, after {load_after[0]:.2f}'
-        + ('' if max(load_before[0], load_after[0]) < QUIET_LOAD else
-           f'  -- WARNING: the machine was busy (> {QUIET_LOAD}): not a result'))
-
+  quiet.report()
 
 if __name__ == '__main__':
   main()

@@ -27,6 +27,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import numpy as np  # noqa: E402
 
+import machine  # noqa: E402
+
 IMPLS = ('plain', 'chunked')
 MIB = 2 ** 20
 
@@ -90,10 +92,10 @@ def main():
   parser.add_argument('--fsdp', type=int, default=1)
   parser.add_argument('--time-up-to', type=int, default=None,
                       help='time only global batches up to this size (default: all)')
+  machine.add_arguments(parser)
   args = parser.parse_args()
+  quiet = machine.Quiet(args)
 
-  print('load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}'.format(*os.getloadavg()),
-        f'on {os.cpu_count()} cores')
   import jax
   from vitreg_jax.parallel.mesh import create_mesh
 
@@ -123,6 +125,7 @@ def main():
   print(f'(one {local} x {local} float32 block of logits = {4 * local * local / MIB:.1f} MiB; '
         f'global rows per device {max(args.batches)} x {local} = '
         f'{4 * max(args.batches) * local / MIB:.1f} MiB)')
+  quiet.report()
 
 
 if __name__ == '__main__':

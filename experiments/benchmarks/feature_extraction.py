@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-LOADED = 0.5  # load average (1 min) above which the numbers are flagged
+import machine
 
 
 def build_ours(arch, size, batch, images):
@@ -63,8 +63,9 @@ def main():
   parser.add_argument('--size', type=int, default=224, help='image size')
   parser.add_argument('--batch', type=int, default=32, help='images per batch')
   parser.add_argument('--rounds', type=int, default=7, help='interleaved timing rounds')
+  machine.add_arguments(parser)
   args = parser.parse_args()
-  load_before = os.getloadavg()
+  quiet = machine.Quiet(args)
   images = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3),
                                                     dtype=np.float32)
   ours, theirs = build_ours(args.arch, args.size, args.batch, images), build_timm(
@@ -75,17 +76,12 @@ def main():
       start = time.perf_counter()
       fn()
       times[key].append(time.perf_counter() - start)
-  load_after = os.getloadavg()
   rate = {k: args.batch / np.median(v) for k, v in times.items()}
   print(f'{args.arch} {args.size}x{args.size} batch {args.batch} float32, {args.rounds} '
         f'interleaved rounds, median')
   print(f'feature extraction: vitreg_jax {rate["ours"]:.1f} img/s   timm forward_features '
         f'{rate["timm"]:.1f} img/s   ratio {rate["ours"] / rate["timm"]:.2f}')
-  print('load average (1 min) before {:.2f}, after {:.2f} (the after includes this run)'.format(
-      load_before[0], load_after[0]))
-  if load_before[0] > LOADED:
-    print(f'WARNING: load average above {LOADED}: the machine was busy, these numbers are not '
-          'results; rerun on a quiet machine')
+  quiet.report()
 
 
 if __name__ == '__main__':

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+import machine
+
 
 
 def build_jax(arch, size, batch, impl):
@@ -68,7 +70,9 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--attention', default='auto', help='vitreg_jax attention impl')
+  machine.add_arguments(parser)
   args = parser.parse_args()
+  quiet = machine.Quiet(args)
 
   import jax
   jax_fwd, jax_train = build_jax(args.arch, args.size, args.batch, args.attention)
@@ -87,6 +91,7 @@ def main():
     label = 'forward' if mode == 'fwd' else 'forward+backward'
     ours, ref = rate[f'jax_{mode}'], rate[f'timm_{mode}']
     print(f'{label:17s} vitreg_jax {ours:7.1f} img/s   timm {ref:7.1f} img/s   ratio {ours / ref:.2f}')
+  quiet.report()
 
 
 if __name__ == '__main__':

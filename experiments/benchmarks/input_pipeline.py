@@ -23,6 +23,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import machine
 from PIL import Image
 
 IMAGE_SIZE = (500, 375)  # a typical ImageNet training image
@@ -160,7 +162,9 @@ def main():
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--pipeline_batches', type=int, default=8)
   parser.add_argument('--step_batch', type=int, default=4)
+  machine.add_arguments(parser)
   args = parser.parse_args()
+  quiet = machine.Quiet(args)
 
   jpegs = make_jpegs(args.images)
   print(f'{len(jpegs)} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}; DINOv2 multi-crop 2x224 + 8x96; '
@@ -186,6 +190,7 @@ def main():
     demand = tflops * 1e3 / gflops
     print(f'for {name}: {demand:.0f} img/s per chip = '
           f'{demand / rates["vitreg_jax"]:.0f} host cores at the per-worker rate above')
+  quiet.report()
 
 
 if __name__ == '__main__':  # spawn-safe: grain workers re-import this module

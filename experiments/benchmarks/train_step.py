@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+import machine
+
 from vitreg_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,7 +49,9 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--prototypes', type=int, default=65536)
+  machine.add_arguments(parser)
   args = parser.parse_args()
+  quiet = machine.Quiet(args)
 
   import jax
   from vitreg_jax import recipes
@@ -95,6 +99,7 @@ def main():
   print(f'FLOPs/step: XLA cost analysis {xla_flops / 1e9:.1f} GFLOP, analytic model FLOPs '
         f'{analytic / 1e9:.1f} GFLOP')
   print(f'measured matmul peak: {peak / 1e9:.1f} GFLOP/s')
+  quiet.report()
   print(f'MFU (XLA FLOPs / step time / peak): {100 * xla_flops / step_time / peak:.1f}%   '
         f'(analytic: {100 * analytic / step_time / peak:.1f}%)')
 
