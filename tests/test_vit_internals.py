@@ -229,3 +229,24 @@ def test_unknown_impl_is_refused():
   q, k, v = random_qkv((1, 3, 1, 2))
   with pytest.raises(ValueError, match='unknown attention impl'):
     attention_lib.dot_product_attention(q, k, v, impl='flash')
+
+
+def test_gelu_equals_float64_erf_and_its_gradient():
+  """The MLP's exact GELU (torch's erf formula, not jax.nn.gelu's erfc path) and its gradient.
+
+  Absolute error against float64, to the rounding of values O(|x|); relative
+  accuracy in the far negative tail is not claimed (torch's formula cancels there too).
+  """
+  from math import erf, exp, pi, sqrt
+
+  from vitreg_jax.models.layers import ACTIVATIONS
+  gelu = ACTIVATIONS['gelu']
+  x = np.linspace(-12, 12, 4801).astype(np.float32)
+  exact = np.array([0.5 * v * (1 + erf(v / sqrt(2))) for v in x.astype(np.float64)])
+  slope = np.array([0.5 * (1 + erf(v / sqrt(2))) + v * exp(-v * v / 2) / sqrt(2 * pi)
+                    for v in x.astype(np.float64)])
+  got = np.asarray(gelu(jnp.asarray(x)), np.float64)
+  grad = np.asarray(jax.vmap(jax.grad(gelu))(jnp.asarray(x)), np.float64)
+  scale = np.maximum(np.abs(x), 1.0)
+  assert np.all(np.abs(got - exact) <= 2e-7 * scale)
+  assert np.all(np.abs(grad - slope) <= 1e-6 * scale)
