@@ -60,7 +60,7 @@ def _load_error(state, tmp_path, **kwargs) -> str:
 def test_misshaped_key_is_named_with_expected_shape(timm_state, tmp_path):
   timm_state['blocks.1.attn.proj.weight'] = torch.zeros(ct.WIDTH, ct.WIDTH + 2)
   message = _load_error(timm_state, tmp_path)
-  assert f'blocks.1.attn.proj.weight: (384, 386), expected (384, 384)' in message
+  assert 'blocks.1.attn.proj.weight: (384, 386), expected (384, 384)' in message
   assert 'mis-shaped (1)' in message
 
 
