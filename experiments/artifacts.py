@@ -11,7 +11,6 @@ normal patches, register norms), ``norm_histogram.png`` (before / after the
 final norm), ``layer_norms.png`` and ``results.md``.
 """
 
-import sys
 
 import numpy as np
 
@@ -114,4 +113,4 @@ def _pct(x):
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

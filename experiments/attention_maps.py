@@ -14,7 +14,6 @@ summary. Only one batch of attention is ever on the host.
 """
 
 import os
-import sys
 
 import numpy as np
 
@@ -71,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

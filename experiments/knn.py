@@ -9,7 +9,6 @@ L2-normalised normed cls, cosine similarity, the k nearest of the train
 split vote with weight exp(sim / T). Writes ``knn.json`` and ``results.md``.
 """
 
-import sys
 
 from vitreg_jax.analysis import cli, knn
 from vitreg_jax.analysis.features import FeaturePass
@@ -52,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

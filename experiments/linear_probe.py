@@ -12,7 +12,6 @@ the 13-value grid (1e-5 .. 0.1), SGD momentum 0.9, cosine; the best
 ``linear_probe.json`` and ``results.md``.
 """
 
-import sys
 
 from vitreg_jax.analysis import cli, probes
 from vitreg_jax.analysis.features import FeaturePass
@@ -69,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

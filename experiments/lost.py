@@ -124,4 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 
 ANALYSES = ('artifacts', 'lost', 'knn', 'linear_probe')
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,4 +107,4 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   from vitreg_jax.analysis import cli  # pylint: disable=g-import-not-at-top
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

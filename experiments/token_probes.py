@@ -22,7 +22,6 @@ Writes ``token_probes.json`` and ``results.md``. A model without outliers
 (registers) gives no outlier rows.
 """
 
-import sys
 
 import numpy as np
 
@@ -156,4 +155,4 @@ def _one_outlier(data, cut):
 
 
 if __name__ == '__main__':
-  sys.exit(cli.run(main))
+  cli.run_as_script(main)

@@ -12,9 +12,10 @@ import machine  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _args(*argv):
+  """Benchmark flags; glibc's malloc left alone, as this test process is not a benchmark."""
   parser = argparse.ArgumentParser()
   machine.add_arguments(parser)
-  return parser.parse_args(argv)
+  return parser.parse_args(('--default-malloc',) + argv)
 
 
 def _load(monkeypatch, *values):
@@ -42,6 +43,7 @@ def test_quiet_run_reports_and_flags_load_from_elsewhere(monkeypatch, capsys):
   machine.Quiet(_args()).report()
   out = capsys.readouterr().out
   assert 'load average: 0.10 before, 1.90 after' in out and 'not a result' not in out
+  assert "malloc: glibc's defaults" in out
   _load(monkeypatch, 0.1, os.cpu_count() + 1.0)
   machine.Quiet(_args()).report()
   assert 'something else ran' in capsys.readouterr().out

@@ -40,6 +40,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vitreg_jax import cpu_memory
+
 MODES = ('train', 'plan', 'export', 'eval')
 
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/deit3_reg.py:smoke.',
@@ -56,6 +58,10 @@ flags.DEFINE_integer('plan.devices', None, 'plan: number of simulated CPU device
 flags.DEFINE_float('plan.hbm_gib', None, 'plan: HBM per device in GiB; default: the TPU '
                    "generation's (v4 32, v5e 16, v5p 95, v6e 32), 16 for simulated devices.")
 flags.DEFINE_string('plan.json', None, 'plan: also write the result as JSON to this path.')
+flags.DEFINE_bool('keep_cpu_buffers', True,
+                  'On the CPU backend, keep XLA\'s per-step temporaries mapped between steps '
+                  '(1.5x faster steps; the process keeps its peak memory). See '
+                  'vitreg_jax/cpu_memory.py.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-process: index of this process.')
@@ -187,6 +193,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _quiet_third_party_logs()
+  if FLAGS.keep_cpu_buffers:
+    cpu_memory.keep_buffers_mapped()
   config, mode = FLAGS.config, FLAGS.mode
   if mode == 'plan':
     if config is None:

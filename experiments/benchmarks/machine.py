@@ -7,11 +7,17 @@ flatters MFU). ``Quiet(args)`` refuses to start above ``--max-load`` (the
 ``report()`` prints the load before and after and flags a run that ended
 loaded, so a number taken while a compile or CI ran is never recorded as a
 result.
+
+It also applies the main job's CPU malloc settings (``vitreg_jax.cpu_memory``:
+XLA's per-step temporaries stay mapped) to the whole process, reference
+included, unless ``--default-malloc`` asks for glibc's defaults.
 """
 
 import argparse
 import os
 import sys
+
+from vitreg_jax import cpu_memory
 
 MAX_LOAD = 0.3
 
@@ -21,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='refuse to start when the 1-minute load average is above this')
   parser.add_argument('--allow-load', action='store_true',
                       help='run anyway on a loaded machine (the output says so: not a result)')
+  parser.add_argument('--default-malloc', action='store_true',
+                      help="glibc's malloc defaults instead of the main job's CPU settings "
+                           '(vitreg_jax/cpu_memory.py), which apply to both sides')
 
 
 def load_average() -> float:
@@ -32,6 +41,8 @@ class Quiet:
 
   def __init__(self, args):
     self.max_load, self.allowed = args.max_load, args.allow_load
+    self.malloc = ("glibc's defaults" if args.default_malloc or not cpu_memory.keep_buffers_mapped()
+                   else 'buffers kept mapped (vitreg_jax.cpu_memory)')
     self.before = load_average()
     if self.before > self.max_load and not self.allowed:
       sys.exit(f'error: load average {self.before:.2f} > {self.max_load} (nothing else may run '
@@ -39,7 +50,8 @@ class Quiet:
 
   def report(self) -> str:
     after = load_average()
-    line = f'load average: {self.before:.2f} before, {after:.2f} after (1-minute)'
+    line = (f'malloc: {self.malloc}; load average: {self.before:.2f} before, {after:.2f} after '
+            '(1-minute)')
     if self.before > self.max_load:
       line += '  ** LOADED MACHINE: not a result **'
     elif after > self.max_load + os.cpu_count():

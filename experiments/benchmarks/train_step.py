@@ -10,8 +10,12 @@ cost-analysis FLOPs of the compiled step / step time / the measured matmul
 peak of this machine (``vitreg_jax.train.mfu.measure_matmul_peak``), all
 measured in the same run; the analytic model-FLOP count is printed beside it.
 
-  python experiments/benchmarks/train_step.py [--recipe dinov2|clip --batch 8 --steps 5
+  python experiments/benchmarks/train_step.py [--recipe dinov2|clip --batch 8 --steps 6
       --prototypes 65536]
+
+The median is taken over ``--steps`` steps after a warm-up step: with the
+CPU malloc settings (``vitreg_jax.cpu_memory``) the first steps may still
+grow the heap (a step with page faults); the per-step times are printed.
 """
 
 import argparse
@@ -47,7 +51,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--recipe', choices=('dinov2', 'clip'), default='dinov2')
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--prototypes', type=int, default=65536)
   machine.add_arguments(parser)
   args = parser.parse_args()
@@ -95,7 +99,8 @@ def main():
           f'DINOv2 ViT-S/14 reg4, batch {args.batch} (2x224 + 8x98 crops), {args.prototypes} '
           'prototypes')
   print(f'{what}, float32, jax {jax.__version__} on {jax.default_backend()}')
-  print(f'step time (median of {args.steps}): {step_time:.2f} s  ->  {args.batch / step_time:.2f} img/s')
+  print(f'step time (median of {args.steps}): {step_time:.2f} s  ->  {args.batch / step_time:.2f} img/s'
+        f'   (steps: {" ".join(f"{t:.2f}" for t in times)}; the first ones may grow the heap)')
   print(f'FLOPs/step: XLA cost analysis {xla_flops / 1e9:.1f} GFLOP, analytic model FLOPs '
         f'{analytic / 1e9:.1f} GFLOP')
   print(f'measured matmul peak: {peak / 1e9:.1f} GFLOP/s')

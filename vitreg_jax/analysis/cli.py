@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vitreg_jax import convert
+from vitreg_jax import convert, cpu_memory
 from vitreg_jax.data import pipeline, sources, transforms
 from vitreg_jax.models import test_time_registers
 from vitreg_jax.models.vit import VisionTransformer
@@ -219,3 +219,10 @@ def run(main, argv=None) -> int:
   except (convert.ConversionError, ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+
+
+def run_as_script(main) -> None:
+  """An experiment's ``__main__``: the CPU malloc settings of the main job, then ``run``."""
+  import sys  # pylint: disable=import-outside-toplevel
+  cpu_memory.keep_buffers_mapped()
+  sys.exit(run(main))
