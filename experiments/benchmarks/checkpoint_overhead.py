@@ -21,6 +21,7 @@ run taken under load is flagged.
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -57,19 +58,20 @@ def run_steps(sharded, state, batch, steps: int, checkpointer=None, every: int =
   """Per-step wall times (each step waits for its metrics, as a logging step does)."""
   import jax  # pylint: disable=import-outside-toplevel
   key = jax.random.key(0)
-  times, saved = [], []
+  times, saved, faults = [], [], []
   for step in range(1, steps + 1):
-    start = time.perf_counter()
+    start, faults_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     state, metrics = sharded.train_step(state, batch, key)
     jax.block_until_ready(metrics)
     if checkpointer is not None and step % every == 0:
       checkpointer.save(step, state, None, config, force=True)
       saved.append(step)
     times.append(time.perf_counter() - start)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
   start = time.perf_counter()
   if checkpointer is not None:
     checkpointer.wait()
-  return state, np.asarray(times), saved, time.perf_counter() - start
+  return state, np.asarray(times), saved, time.perf_counter() - start, np.asarray(faults)
 
 
 def main():
@@ -89,17 +91,17 @@ def main():
   sharded = recipes.sharded(config, devices=jax.devices()[:1])
   state = sharded.init(jax.random.key(0))
   rng = np.random.default_rng(0)
-  abstract = sharded.recipe.abstract_batch(config.data.batch_size)
+  abstract = sharded.abstract_batch(config.data.batch_size)
   local = {k: (rng.standard_normal(v.shape).astype(np.float32) if v.dtype == np.float32
                else rng.random(v.shape) < 0.25) for k, v in abstract.items()}
   batch = sharded.global_batch(local, config.data.batch_size)
-  state, _, _, _ = run_steps(sharded, state, batch, 2)  # compile and warm up
+  state, *_ = run_steps(sharded, state, batch, 2)  # compile and warm up
 
   workdir = tempfile.mkdtemp(prefix='ckpt_bench_')
   try:
-    state, plain, _, _ = run_steps(sharded, state, batch, args.steps)
+    state, plain, _, _, plain_faults = run_steps(sharded, state, batch, args.steps)
     ckpt = checkpoint.RunCheckpointer(workdir, save_every=args.every, keep=2)
-    state, saving, saved, final_wait = run_steps(sharded, state, batch, args.steps, ckpt,
+    state, saving, saved, final_wait, saving_faults = run_steps(sharded, state, batch, args.steps, ckpt,
                                                  args.every, config)
     ckpt.close()
   finally:
@@ -117,6 +119,9 @@ def main():
         f'{final_wait * 1e3:.0f} ms waiting for the last save')
   print(f'overhead of checkpointing: {100 * overhead:+.1f}% of total step time '
         f'(save steps alone: {100 * (np.median(at_save) / np.median(plain) - 1):+.1f}%)')
+  print(f'minor page faults per step, median: {np.median(plain_faults):.0f} without checkpoints, '
+        f'{np.median(np.delete(saving_faults, np.asarray(saved) - 1)):.0f} at other steps of the '
+        'saving run')
   quiet.report()
 
 if __name__ == '__main__':
