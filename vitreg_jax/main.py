@@ -60,7 +60,7 @@ flags.DEFINE_float('plan.hbm_gib', None, 'plan: HBM per device in GiB; default: 
 flags.DEFINE_string('plan.json', None, 'plan: also write the result as JSON to this path.')
 flags.DEFINE_bool('keep_cpu_buffers', True,
                   'On the CPU backend, keep XLA\'s per-step temporaries mapped between steps '
-                  '(1.5x faster steps; the process keeps its peak memory). See '
+                  '(1.4-1.9x faster steps; the process keeps its peak memory). See '
                   'vitreg_jax/cpu_memory.py.')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-process: number of processes.')
