@@ -10,10 +10,8 @@ import numpy as np
 
 
 def _ranks(similarity: np.ndarray) -> np.ndarray:
-  """Per row, how many columns score at least the diagonal's, others than itself."""
-  right = np.diag(similarity)[:, None]
-  ahead = (similarity >= right).sum(axis=1) - 1
-  return ahead
+  """Per row, how many columns other than the diagonal's score at least as high as it."""
+  return (similarity >= np.diag(similarity)[:, None]).sum(axis=1) - 1
 
 
 def recall_at_k(image_embeds, text_embeds, ks=(1, 5, 10)) -> dict[str, float]:

@@ -37,18 +37,11 @@ def resolve_impl(impl: str) -> str:
   return {'cpu': 'cpu_flash', 'gpu': 'fused'}.get(jax.default_backend(), 'xla')
 
 
-def _mask_future(logits):
-  """Logits ``[..., Q, K]`` with key ``j > i`` of query ``i`` set to ``-inf``."""
-  q, k = logits.shape[-2:]
-  keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
-  return jnp.where(keep, logits, -jnp.inf)
-
-
 def _xla(q, k, v, return_probs, causal=False):
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
   if causal:
-    logits = _mask_future(logits)
+    logits = attention_cpu.mask_future(logits)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
   return out, (probs if return_probs else None)
@@ -59,7 +52,7 @@ def _one_example(q, k, v, return_probs, causal=False):
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('qhd,khd->hqk', q * scale, k, preferred_element_type=jnp.float32)
   if causal:
-    logits = _mask_future(logits)
+    logits = attention_cpu.mask_future(logits)
   # Any shift leaves softmax unchanged, so the max needs no gradient.
   shifted = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   total = shifted.sum(-1)  # [H, T]

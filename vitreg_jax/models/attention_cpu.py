@@ -18,14 +18,18 @@ import jax
 import jax.numpy as jnp
 
 
+def mask_future(logits):
+  """Logits ``[..., Q, K]`` with key ``j > i`` of query ``i`` set to ``-inf``."""
+  q, k = logits.shape[-2:]
+  keep = jnp.arange(k)[None, :] <= jnp.arange(q)[:, None]
+  return jnp.where(keep, logits, -jnp.inf)
+
+
 def _logits(q, k, causal):
   """``[H, Q, K]`` float32 scaled logits of one image (``q, k [T, H, hd]``)."""
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('qhd,khd->hqk', q * scale, k, preferred_element_type=jnp.float32)
-  if causal:
-    keep = jnp.arange(k.shape[0])[None, :] <= jnp.arange(q.shape[0])[:, None]
-    logits = jnp.where(keep, logits, -jnp.inf)
-  return logits
+  return mask_future(logits) if causal else logits
 
 
 def _forward_one(q, k, v, causal):

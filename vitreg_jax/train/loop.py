@@ -128,7 +128,7 @@ def _next_commands(workdir: str, finished: bool, written: dict[str, list[str]]) 
   """Commands a user runs on this run's results (quoted for a shell)."""
   quoted = shlex.quote(workdir)
   commands = {} if finished else {'resume': 'run the same command again'}
-  commands['curves'] = f'tensorboard --logdir {shlex.quote(os.path.join(workdir, "tensorboard"))}'
+  commands['curves'] = f'tensorboard --logdir {shlex.quote(_places(workdir)["tensorboard"])}'
   commands['evaluate'] = f'python -m vitreg_jax.main --mode=eval --workdir={quoted}'
   if export_paths('backbone', workdir)['vitreg'] in written.get('backbone', ()):
     out = shlex.quote(os.path.join(workdir, 'analysis'))
